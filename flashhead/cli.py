@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 from . import models as _models
 
@@ -43,17 +46,137 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .decode import generate
+    from .integrations.transformers import apply, index_for
 
     model, tok = _models.load_model(args.model, dtype=args.dtype)
+    head = "dense"
+    if not args.dense:
+        index = index_for(args.model, model, tok, args.index, progress=not args.json)
+        apply(model, index, n_probes=args.probes, stage1=args.stage1)
+        head = f"flashhead (p={args.probes or index.config.n_probes}, stage 1 {args.stage1})"
     gen = generate(model, tok, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.json:
-        print(json.dumps({"model": args.model, "head": "dense", "prompt": args.prompt, "text": gen.texts[0],
+        print(json.dumps({"model": args.model, "head": head, "prompt": args.prompt, "text": gen.texts[0],
                           "token_ids": gen.token_ids[0], "new_tokens": gen.new_tokens, "seconds": gen.seconds,
                           "tokens_per_second": gen.tokens_per_second}, indent=2))
     else:
         print(args.prompt + gen.texts[0])
-        print(f"[dense head: {gen.new_tokens} tokens in {gen.seconds:.2f} s, {gen.tokens_per_second:.1f} tokens/s]")
+        print(f"[{head}: {gen.new_tokens} tokens in {gen.seconds:.2f} s, {gen.tokens_per_second:.1f} tokens/s]")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .decode import generate
+    from .integrations.transformers import apply, index_for, remove
+
+    model, tok = _models.load_model(args.model)
+    index = index_for(args.model, model, tok)
+    prompts = args.prompts or DEMO_PROMPTS
+    generate(model, tok, prompts[:1], max_new_tokens=4)  # warm-up, so the first timing is not a cold start
+    dense = [generate(model, tok, [p], max_new_tokens=args.max_new_tokens) for p in prompts]
+    head = apply(model, index)
+    fast = [generate(model, tok, [p], max_new_tokens=args.max_new_tokens) for p in prompts]
+    remove(model)
+    same = total = 0
+    for p, d, f in zip(prompts, dense, fast):
+        same += sum(a == b for a, b in zip(d.token_ids[0], f.token_ids[0]))
+        total += max(len(d.token_ids[0]), len(f.token_ids[0]))
+        print(f"\n{p!r}\n  dense:     {d.texts[0]!r}\n  flashhead: {f.texts[0]!r}")
+    tps = lambda gens: sum(g.new_tokens for g in gens) / sum(g.seconds for g in gens)  # noqa: E731
+    print(f"\n{args.model}: identical tokens {same}/{total} ({100 * same / total:.1f}%); "
+          f"dense {tps(dense):.1f} tokens/s, flashhead {tps(fast):.1f} tokens/s "
+          f"({tps(fast) / tps(dense):.2f}x; p={head.n_probes} of {index.num_clusters} clusters, stage 1 {head.stage1})")
+    return 0
+
+
+def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=None):
+    import time
+
+    from .integrations.transformers import build_for_model
+
+    if model is None:
+        model, tok = _models.load_model(model_ref)
+    t0 = time.perf_counter()
+    calibration = None if args.calibration == "none" else args.calibration
+    print(f"building the FlashHead index of {model_ref}: cluster size {args.cluster_size}, seed {args.seed}, "
+          f"calibration {calibration or 'none (spherical)'}", flush=True)
+    index = build_for_model(model, tok, cluster_size=args.cluster_size, calibration_text=calibration,
+                            calibration_positions=args.positions, seed=args.seed, iters=args.iters,
+                            model_name=model_ref)
+    index.config.build["seconds_total"] = round(time.perf_counter() - t0, 3)
+    index.save(out)
+    sizes = (index.slot_token >= 0).sum(1)
+    c = index.config
+    print(f"objective (mean E[(h.(w - c))^2] per token): {c.build['objective']:.6g}")
+    print(f"clusters: {c.num_clusters} x {c.cluster_size} slots; tokens per cluster min {int(sizes.min())} "
+          f"max {int(sizes.max())}; {c.num_clusters * c.cluster_size - c.num_tokens} empty slots; "
+          f"every one of the {c.num_tokens} tokens placed once: "
+          f"{torch.unique(index.slot_token[index.slot_token >= 0]).numel() == c.num_tokens}")
+    print(f"built in {c.build['seconds_total']:.1f} s; assets written to {out}")
+    return index
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .integrations.transformers import default_index_dir
+
+    _build(args.model, Path(args.out) if args.out else default_index_dir(args.model), args)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import data
+    from .evaluate import EvalConfig, evaluate, plot
+    from .integrations.transformers import index_for
+
+    model, tok = _models.load_model(args.model)
+    index = index_for(args.model, model, tok, args.index)
+    default = index.config.n_probes
+    probes = args.probes or sorted({max(1, default // 4), max(1, default // 2), default, min(2 * default, index.num_clusters)})
+    config = EvalConfig(positions=args.positions, prompts=args.prompts, new_tokens=args.new_tokens)
+    report = evaluate(model, tok, index, data.load_text(args.text), probes, stage1=args.stage1, config=config,
+                      progress=not args.json)
+    report.update(model=args.model, text=args.text)
+    if args.plot:
+        plot(report, args.plot, title=f"FlashHead on {args.model}, {args.text}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"\n{args.model} on {args.text}: {report['positions']} positions, {report['prompts']} prompts x "
+          f"{report['new_tokens']} tokens; dense next-token accuracy {100 * report['dense']['next_token_accuracy']:.2f}%")
+    print(f"{'probes':>6} {'bytes':>7} {'contain':>8} {'vllm-rule':>9} {'agree':>8} {'cont.same':>9} {'prefix':>6} "
+          f"{'acc':>7} {'TV@0.7':>7} {'TV@1':>7} {'KL@1':>7}")
+    for r in report["settings"]:
+        print(f"{r['n_probes']:>6} {100 * r['bytes_fraction']:>6.2f}% {100 * r['containment']:>7.2f}% "
+              f"{100 * r['containment_vllm_rule']:>8.2f}% {100 * r['agreement']:>7.2f}% "
+              f"{100 * r['continuation_identical_fraction']:>8.2f}% {r['continuation_mean_identical_prefix']:>6.1f} "
+              f"{100 * r['next_token_accuracy']:>6.2f}% {r['tv_t0.7']:>7.4f} {r['tv_t1.0']:>7.4f} {r['kl_t1.0']:>7.4f}")
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_export_vllm(args: argparse.Namespace) -> int:
+    from .index import FlashHeadIndex
+    from .integrations import vllm
+    from .integrations.transformers import ASSETS_SUBDIR, index_for
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a transformers model folder (no config.json); save the model there "
+                         "first (model.save_pretrained) or point at its folder")
+    if args.index:
+        model, _ = _models.load_model(model_dir, verbose=False)
+        index = FlashHeadIndex.load(args.index, weight=_models.head_weight(model))
+    elif (model_dir / ASSETS_SUBDIR).is_dir():
+        model, _ = _models.load_model(model_dir, verbose=False)
+        index = FlashHeadIndex.load(model_dir / ASSETS_SUBDIR, weight=_models.head_weight(model))
+    else:
+        model, tok = _models.load_model(model_dir, verbose=False)
+        index = index_for(str(model_dir), model, tok)
+    out = vllm.export(index, model_dir, force=args.force)
+    print(f"wrote {out / vllm.CACHE_FILE} and the FlashHead keys of {model_dir / 'config.json'} "
+          f"(K={index.num_clusters}, cluster size {index.cluster_size}, n_probes {index.config.n_probes})")
     return 0
 
 
@@ -65,6 +188,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         gen = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens)
         print(f"\n{prompt!r}\n  dense: {gen.texts[0]!r}\n  {gen.tokens_per_second:.1f} tokens/s")
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"probe counts must be positive integers, got {text!r}")
+    return values
+
+
+def _add_build_args(s: argparse.ArgumentParser) -> None:
+    from .data import text_names
+
+    s.add_argument("--cluster-size", type=int, default=16, help="tokens per cluster (default 16)")
+    s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
+    s.add_argument("--iters", type=int, default=10, help="clustering iterations (default 10)")
+    s.add_argument("--calibration", default="prideprejudice", choices=[*text_names(), "none"], metavar="TEXT",
+                   help="built-in text (e.g. prideprejudice, brown, brown:news) whose hidden states set the clustering geometry, or 'none' for "
+                        "spherical clustering of raw rows (default prideprejudice)")
+    s.add_argument("--positions", type=int, default=4096, help="calibration positions (default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to convert (default: all built-in)")
     s.set_defaults(func=_cmd_fetch)
 
-    s = sub.add_parser("generate", help="generate a continuation of a prompt and print tokens/s")
+    s = sub.add_parser("generate", help="continue a prompt with FlashHead (or --dense) and print tokens/s")
     s.add_argument("model", help=model_help)
     s.add_argument("--prompt", required=True, help="text to continue")
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
@@ -91,10 +236,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     s.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
+    s.add_argument("--probes", type=int, help="probed clusters per step (default: the index's)")
+    s.add_argument("--stage1", default="int8", choices=["int8", "int4", "float"], help="centroid precision (default int8)")
+    s.add_argument("--dense", action="store_true", help="use the dense head (the reference)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("demo", help="generate from a few prompts and print tokens/s (the README's main command)")
+    s = sub.add_parser("build", help="cluster a model's head rows into a FlashHead index (assets on disk)")
+    s.add_argument("model", help=model_help)
+    s.add_argument("--out", help="assets folder (default: in the cache, per model)")
+    _add_build_args(s)
+    s.set_defaults(func=_cmd_build)
+
+    s = sub.add_parser("eval", help="measure FlashHead's fidelity and cost against the dense head on real text")
+    s.add_argument("model", help=model_help)
+    s.add_argument("--text", default="persuasion", help="built-in text (default persuasion, held out from tuning)")
+    s.add_argument("--probes", type=_int_list, help="comma-separated probe counts (default: around the index's default)")
+    s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
+    s.add_argument("--stage1", default="int8", choices=["int8", "int4", "float"], help="centroid precision (default int8)")
+    s.add_argument("--positions", type=int, default=4096, help="teacher-forced positions (default 4096)")
+    s.add_argument("--prompts", type=int, default=100, help="greedy continuations (default 100)")
+    s.add_argument("--new-tokens", type=int, default=64, help="tokens per continuation (default 64)")
+    s.add_argument("--json", action="store_true", help="print every figure as JSON")
+    s.add_argument("--plot", metavar="FILE", help="write a PNG of agreement and bytes against probes")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("export-vllm", help="write the vLLM FlashHead plugin's asset files and config keys into a model folder")
+    s.add_argument("model_dir", help="transformers model folder (config.json + weights)")
+    s.add_argument("--index", help="flashhead assets folder to export (default: MODEL_DIR/flashhead, else built)")
+    s.add_argument("--force", action="store_true", help="replace FlashHead assets/keys already in the folder")
+    s.set_defaults(func=_cmd_export_vllm)
+
+    s = sub.add_parser("demo", help="dense vs FlashHead on a few prompts: continuations, identical tokens, tokens/s "
+                                    "(the README's main command)")
     s.add_argument("--model", default=_models.DEFAULT_MODEL, help=f"{model_help} (default {_models.DEFAULT_MODEL})")
     s.add_argument("--prompts", nargs="*", help="prompts to use instead of the built-in ones")
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")

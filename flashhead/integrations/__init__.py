@@ -1,0 +1,1 @@
+"""Integrations: transformers models (apply/remove, generate) and the vLLM plugin's file format."""

@@ -1,0 +1,239 @@
+"""FlashHead inside a transformers causal LM: build an index for it, apply in one call, remove.
+
+``apply(model, index)`` lays the head rows out cluster by cluster in ONE tensor that replaces the
+head weight; for models that tie the head to the input embedding (both built-in models do), the
+embedding uses that same tensor through an id -> slot map, so the head's memory is not doubled.
+``model.lm_head`` becomes a :class:`FlashHead`, which returns full-width logits that are -inf outside
+the candidates, so ``generate()``, its logits processors and warpers keep working unchanged;
+``generate()`` already projects only each sequence's last position at prefill. For sampled
+generation the head draws clusters in proportion to their centroid probabilities at the call's
+temperature. ``remove(model)`` restores the original weights exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+
+from ..head import FlashHead
+from ..index import FlashHeadIndex, build_index
+from ..models import head_weight
+
+ASSETS_SUBDIR = "flashhead"  # where save_pretrained puts the assets, next to the weights
+DEFAULT_CALIBRATION_TEXT = "prideprejudice"
+DEFAULT_STAGE1 = "int8"  # as accurate as float for ranking clusters, 3-4x faster on CPU (see docs)
+
+
+def default_index_dir(model_ref: str) -> Path:
+    """Where a model's index lives unless told otherwise: the cache, one folder per model."""
+    from .._io import cache_dir
+    from ..models import BUILTIN_MODELS
+
+    if model_ref in BUILTIN_MODELS:
+        slug = model_ref
+    else:
+        path = Path(model_ref).expanduser().resolve()
+        slug = f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    return cache_dir() / "indexes" / slug
+
+
+def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None, *, progress: bool = True,
+              **build_kwargs) -> FlashHeadIndex:
+    """The model's index from ``folder`` (default :func:`default_index_dir`), built and saved if missing.
+
+    An index there that belongs to another head is an error, not silently replaced.
+    """
+    folder = Path(folder) if folder is not None else default_index_dir(model_ref)
+    if folder.is_dir():
+        return FlashHeadIndex.load(folder, weight=head_weight(model))
+    if progress:
+        print(f"no FlashHead index at {folder}: building it once", flush=True)
+    index = build_for_model(model, tokenizer, model_name=model_ref, progress=progress, **build_kwargs)
+    index.save(folder)
+    return index
+
+
+def text_states(model, tokenizer, text: str, positions: int = 4096, window: int = 256,
+                stride_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states (the head's input) at ``positions`` positions of ``text``, and the true next
+    token at each: ([positions, d] float32, [positions] int64).
+
+    Each window of ``window`` tokens starts with the tokenizer's own special prefix (Gemma needs
+    <bos>); every ``stride_windows``-th window is used, to spread the positions over the text.
+    """
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    prefix = tokenizer("", add_special_tokens=True).input_ids
+    body = window - len(prefix)
+    available = (len(ids) - 1) // body
+    n_windows = min(math.ceil(positions / body), available // stride_windows)
+    if n_windows < 1:
+        raise ValueError(f"text is too short: {len(ids)} tokens, need at least {body + 1}")
+    states, targets = [], []
+    with torch.inference_mode():
+        for i in range(0, n_windows * stride_windows, stride_windows):
+            chunk = ids[i * body:(i + 1) * body + 1]
+            out = model.base_model(input_ids=torch.tensor([prefix + chunk[:-1]]))  # post-norm: what the head sees
+            states.append(out.last_hidden_state[0, len(prefix):].float())
+            targets.append(torch.tensor(chunk[1:]))
+    return torch.cat(states)[:positions], torch.cat(targets)[:positions]
+
+
+def calibration_states(model, tokenizer, text: str, positions: int = 4096, window: int = 256) -> torch.Tensor:
+    """Hidden states at ``positions`` positions of ``text``: the calibration sample of :func:`build_for_model`."""
+    return text_states(model, tokenizer, text, positions, window)[0]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end generation: always scored, so FlashHead can always stop."""
+    ids = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(int(i) for i in ids)
+
+
+def build_for_model(model, tokenizer, *, cluster_size: int = 16, calibration_text: str | None = DEFAULT_CALIBRATION_TEXT,
+                    calibration_positions: int = 4096, seed: int = 0, iters: int = 10, n_probes: int | None = None,
+                    model_name: str = "", progress: bool = True) -> FlashHeadIndex:
+    """Build a FlashHead index for a transformers causal LM.
+
+    Calibration hidden states come from ``calibration_text`` (a built-in text name, or None for the
+    spherical geometry without calibration); a built-in text works offline for any model.
+    """
+    from ..data import load_text
+
+    weight = head_weight(model)
+    states, calibration = None, None
+    if calibration_text is not None:
+        states = calibration_states(model, tokenizer, load_text(calibration_text), calibration_positions)
+        calibration = {"text": calibration_text, "positions": int(states.shape[0]), "window": 256}
+    return build_index(weight, cluster_size, hidden_states=states, num_tokens=min(len(tokenizer), weight.shape[0]),
+                       n_probes=n_probes, always_ids=eos_ids(model, tokenizer), iters=iters, seed=seed,
+                       model_name=model_name, calibration=calibration, progress=progress)
+
+
+def _tied(model) -> bool:
+    inp = model.get_input_embeddings()
+    return inp is not None and inp.weight.data_ptr() == head_weight(model).data_ptr()
+
+
+def _remap_ids(slot_of: torch.Tensor, module, args):
+    return (slot_of[args[0]],) + tuple(args[1:])
+
+
+def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: str = DEFAULT_STAGE1) -> FlashHead:
+    """Replace ``model``'s head by FlashHead, in place; returns the head. Undo with :func:`remove`.
+
+    ``stage1`` picks the centroid precision (``"int8"`` default, ``"int4"``, ``"float"``); stage 2
+    always runs in the model dtype, so the logits of the candidates are exact.
+    """
+    if getattr(model, "_flashhead", None) is not None:
+        raise ValueError("this model already uses FlashHead; call flashhead.remove(model) first")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError("models with final_logit_softcapping are not supported: the soft cap would turn the -inf "
+                         "logits outside the candidates into finite ones")
+    weight = head_weight(model)
+    index.check_weight(weight)
+    tied = _tied(model)
+    c = index.config
+    k, cap = c.num_clusters, c.cluster_size
+    # One storage: K*cap cluster slots, then the rows that are not tokens (embedding padding).
+    slot_of = torch.empty(c.vocab_size, dtype=torch.long)
+    filled = index.slot_token >= 0
+    slot_of[index.slot_token[filled]] = torch.arange(k * cap).view(k, cap)[filled]
+    slot_of[c.num_tokens:] = torch.arange(k * cap, k * cap + c.vocab_size - c.num_tokens)
+    storage = weight.new_zeros(k * cap + c.vocab_size - c.num_tokens, c.hidden_size)
+    storage.index_copy_(0, slot_of, weight.detach())
+    rows = storage[: k * cap].view(k, cap, c.hidden_size)
+    head = FlashHead(rows, index.slot_token, index.centroids, out_features=c.vocab_size,
+                     n_probes=n_probes or c.n_probes, always_ids=torch.tensor(c.always_ids, dtype=torch.long),
+                     stage1=stage1)
+    original = model.get_output_embeddings()
+    state = {"head": head, "index": index, "original": original, "tied": tied, "slot_of": slot_of,
+             "storage": storage, "hook": None}
+    del original.weight  # drop the dense copy: FlashHead's storage now holds these rows
+    model.set_output_embeddings(head)
+    if tied:
+        emb = model.get_input_embeddings()
+        emb.weight = torch.nn.Parameter(storage, requires_grad=False)
+        state["hook"] = emb.register_forward_pre_hook(functools.partial(_remap_ids, slot_of))
+    model._flashhead = state
+    model.generate = functools.partial(_generate, model)
+    model.save_pretrained = functools.partial(save_pretrained, model)
+    return head
+
+
+def remove(model) -> None:
+    """Restore the dense head (and tied embedding) exactly as they were before :func:`apply`."""
+    state = getattr(model, "_flashhead", None)
+    if state is None:
+        raise ValueError("this model does not use FlashHead (nothing to remove)")
+    weight = torch.nn.Parameter(state["storage"][state["slot_of"]], requires_grad=False)
+    original = state["original"]
+    original.weight = weight
+    model.set_output_embeddings(original)
+    if state["tied"]:
+        state["hook"].remove()
+        model.get_input_embeddings().weight = weight
+    for attr in ("generate", "save_pretrained"):
+        model.__dict__.pop(attr, None)
+    model._flashhead = None
+
+
+def flashhead_of(model) -> FlashHead | None:
+    """The FlashHead applied to ``model``, or None."""
+    state = getattr(model, "_flashhead", None)
+    return None if state is None else state["head"]
+
+
+def dense_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Exact dense logits [..., V] (float32) of ``model``'s head, whether FlashHead is applied or not.
+
+    The reference every fidelity figure is measured against; no second copy of the head is made.
+    """
+    state = getattr(model, "_flashhead", None)
+    if state is None:
+        return (hidden.to(head_weight(model).dtype) @ head_weight(model).T).float()
+    storage = state["storage"]
+    return (hidden.to(storage.dtype) @ storage.T)[..., state["slot_of"]].float()
+
+
+def _generate(model, *args, **kwargs):
+    """``generate()`` with the head told whether, and at which temperature, this call samples."""
+    head = flashhead_of(model)
+    config = kwargs.get("generation_config") or model.generation_config
+    do_sample = kwargs.get("do_sample", config.do_sample)
+    temperature = kwargs.get("temperature", config.temperature)
+    head.temperature = float(temperature if temperature is not None else 1.0) if do_sample else None
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        head.temperature = None
+
+
+def save_pretrained(model, folder: str | Path, **kwargs) -> None:
+    """Save the model's original weights and, in ``folder/flashhead``, its FlashHead assets."""
+    state = model._flashhead
+    index, n_probes, stage1 = state["index"], state["head"].n_probes, state["head"].stage1
+    remove(model)
+    try:
+        model.save_pretrained(folder, **kwargs)
+        index.save(Path(folder) / ASSETS_SUBDIR)
+    finally:
+        apply(model, index, n_probes=n_probes, stage1=stage1)
+
+
+def from_pretrained(folder: str | Path, dtype: torch.dtype | str = torch.float32, **apply_kwargs):
+    """Load a model saved by :func:`save_pretrained` (or any model folder) and apply its FlashHead assets."""
+    from ..models import load_model
+
+    model, tokenizer = load_model(folder, dtype=dtype, verbose=False)
+    assets = Path(folder) / ASSETS_SUBDIR
+    if assets.is_dir():
+        apply(model, FlashHeadIndex.load(assets), **apply_kwargs)
+    return model, tokenizer

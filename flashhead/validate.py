@@ -1,0 +1,89 @@
+"""Reading FlashHead assets defensively: every way a file can be wrong gets a clear AssetError.
+
+Assets are read only through safetensors and JSON, never pickle, so a file cannot execute code on
+load; anything else (a pickle, truncated bytes, a hand-edited JSON) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .index import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, AssetError, FlashHeadIndex, IndexConfig
+
+_INT_FIELDS = ("vocab_size", "num_tokens", "hidden_size", "num_clusters", "cluster_size", "n_probes", "format_version")
+
+
+def _fail(folder: Path, what: str) -> AssetError:
+    return AssetError(f"FlashHead assets in {folder} are not usable: {what}; rebuild them with `flashhead build`")
+
+
+def _read_config(folder: Path) -> IndexConfig:
+    path = folder / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(folder, f"{CONFIG_FILE} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(folder, f"{CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise _fail(folder, f"{CONFIG_FILE} must hold a JSON object")
+    missing = [f for f in (*_INT_FIELDS, "always_ids", "fingerprint") if f not in raw]
+    if missing:
+        raise _fail(folder, f"{CONFIG_FILE} lacks {', '.join(missing)}")
+    for f in _INT_FIELDS:
+        if type(raw[f]) is not int or raw[f] < 1:  # bool is not int here
+            raise _fail(folder, f"{CONFIG_FILE}: {f} must be a positive integer, got {raw[f]!r}")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise _fail(folder, f"format version {raw['format_version']} is not {FORMAT_VERSION}, the one this flashhead reads")
+    ids = raw["always_ids"]
+    if not isinstance(ids, list) or any(type(i) is not int or not 0 <= i < raw["num_tokens"] for i in ids):
+        raise _fail(folder, f"always_ids must be a list of token ids in 0..{raw['num_tokens'] - 1}")
+    if not isinstance(raw["fingerprint"], str):
+        raise _fail(folder, "fingerprint must be a string")
+    known = set(IndexConfig.__dataclass_fields__)
+    extra = set(raw) - known
+    if extra:
+        raise _fail(folder, f"{CONFIG_FILE} has unknown keys {sorted(extra)}")
+    if not isinstance(raw.get("build", {}), dict) or not isinstance(raw.get("model", ""), str):
+        raise _fail(folder, "'build' must be an object and 'model' a string")
+    return IndexConfig(**raw)
+
+
+def load_assets(folder: Path) -> FlashHeadIndex:
+    """Load and check an index folder written by :meth:`FlashHeadIndex.save`."""
+    if not folder.is_dir():
+        raise AssetError(f"no FlashHead assets at {folder}: build them with `flashhead build MODEL --out {folder}`")
+    c = _read_config(folder)
+    path = folder / TENSORS_FILE
+    if not path.is_file():
+        raise _fail(folder, f"{TENSORS_FILE} is missing")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _fail(folder, f"{TENSORS_FILE} is not a readable safetensors file ({e})") from None
+    if set(tensors) != {"slot_token", "centroids"}:
+        raise _fail(folder, f"{TENSORS_FILE} must hold exactly slot_token and centroids, found {sorted(tensors)}")
+    slots, cents = tensors["slot_token"], tensors["centroids"]
+    k, cap, d = c.num_clusters, c.cluster_size, c.hidden_size
+    if slots.dtype != torch.int64 or tuple(slots.shape) != (k, cap):
+        raise _fail(folder, f"slot_token must be int64 [{k}, {cap}], got {slots.dtype} {list(slots.shape)}")
+    if cents.dtype != torch.float32 or tuple(cents.shape) != (k, d):
+        raise _fail(folder, f"centroids must be float32 [{k}, {d}], got {cents.dtype} {list(cents.shape)}")
+    if not torch.isfinite(cents).all():
+        raise _fail(folder, "centroids hold NaN or Inf")
+    if c.num_tokens > c.vocab_size or not (k - 1) * cap < c.num_tokens <= k * cap:
+        raise _fail(folder, f"{c.num_tokens} tokens do not fit {k} clusters of {cap} (vocab {c.vocab_size})")
+    if not 1 <= c.n_probes <= k:
+        raise _fail(folder, f"n_probes {c.n_probes} is outside 1..{k}")
+    real = slots[slots >= 0]
+    if (slots < -1).any() or (real >= c.num_tokens).any():
+        raise _fail(folder, f"slot_token holds ids outside -1..{c.num_tokens - 1}")
+    if real.numel() != c.num_tokens or torch.unique(real).numel() != c.num_tokens:
+        raise _fail(folder, f"slot_token must list each of the {c.num_tokens} tokens exactly once "
+                            f"(found {real.numel()} ids, {torch.unique(real).numel()} distinct)")
+    return FlashHeadIndex(slots, cents, c)

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flashhead.index import AssetError, FlashHeadIndex, build_index, fingerprint
+from flashhead.integrations import vllm
+
+
+def _head(v=600, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(v, d, generator=g)
+
+
+def _states(n=500, d=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)
+
+
+def test_every_cluster_has_exactly_the_requested_size():
+    w = _head()
+    index = build_index(w, 16, hidden_states=_states(), progress=False)
+    assert index.slot_token.shape == (38, 16)  # ceil(600 / 16)
+    real = index.slot_token[index.slot_token >= 0]
+    assert real.numel() == 600 and torch.unique(real).numel() == 600
+    assert int((index.slot_token < 0).sum()) == 38 * 16 - 600
+
+
+def test_padding_rows_never_enter_the_index():
+    w = _head(640)
+    index = build_index(w, 16, num_tokens=610, progress=False)
+    real = index.slot_token[index.slot_token >= 0]
+    assert real.max() < 610 and real.numel() == 610
+    assert index.config.vocab_size == 640 and index.config.num_tokens == 610
+
+
+def test_same_seed_same_bytes(tmp_path):
+    w, h = _head(), _states()
+    a = build_index(w, 8, hidden_states=h, seed=3, progress=False).save(tmp_path / "a")
+    b = build_index(w, 8, hidden_states=h, seed=3, progress=False).save(tmp_path / "b")
+    assert (a / "index.safetensors").read_bytes() == (b / "index.safetensors").read_bytes()
+    ja, jb = (json.loads((p / "flashhead.json").read_text()) for p in (a, b))
+    for j in (ja, jb):  # timings differ between runs; everything else is the same
+        j["build"] = {k: v for k, v in j["build"].items() if not k.startswith("seconds")}
+    assert ja == jb
+
+
+def test_save_load_round_trip(tmp_path):
+    w = _head()
+    index = build_index(w, 16, always_ids=[5, 1], progress=False)
+    loaded = FlashHeadIndex.load(index.save(tmp_path / "assets"), weight=w)
+    assert torch.equal(loaded.slot_token, index.slot_token)
+    assert torch.equal(loaded.centroids, index.centroids)
+    assert loaded.config == index.config and loaded.config.always_ids == [1, 5]
+
+
+def test_assets_of_one_model_are_refused_on_another(tmp_path):
+    w = _head()
+    folder = build_index(w, 16, model_name="model-A", progress=False).save(tmp_path / "a")
+    with pytest.raises(AssetError, match=r"belong to another model \(model-A\)"):
+        FlashHeadIndex.load(folder, weight=_head(seed=7))
+    with pytest.raises(AssetError, match=r"built for a head of shape \(600, 24\) \(model-A\)"):
+        FlashHeadIndex.load(folder, weight=_head(601))
+
+
+def test_fingerprint_ignores_dtype_but_not_values():
+    w = _head()
+    assert fingerprint(w) == fingerprint(w.to(torch.bfloat16))
+    w2 = w.clone()
+    w2[::7] += 0.5
+    assert fingerprint(w2) != fingerprint(w)
+
+
+def test_centroids_are_cluster_means():
+    w = _head()
+    index = build_index(w, 16, progress=False)
+    k = 3
+    members = index.slot_token[k][index.slot_token[k] >= 0]
+    assert torch.allclose(index.centroids[k], w[members].mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [(1, "cluster_size must be an integer from 2"), (400, "from 2 to 300"),
+                                        (16.0, "cluster_size must be an integer")])
+def test_unworkable_cluster_sizes(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build_index(_head(), bad, progress=False)
+
+
+def test_vllm_layout_keys_shapes_dtypes(tmp_path):
+    w = _head(640)
+    index = build_index(w, 16, always_ids=[2], progress=False)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 640}))
+    vllm.export(index, model_dir)
+    tensors = load_file(str(model_dir / "flash_head_assets" / "clustering_cache.safetensors"))
+    assert set(tensors) == {"centroids", "cluster_assignments"}
+    assert tensors["centroids"].shape == (24, 40) and tensors["centroids"].dtype == torch.float32
+    assign = tensors["cluster_assignments"]
+    assert assign.shape == (640,) and assign.dtype == torch.int64
+    assert torch.bincount(assign).tolist() == [16] * 40
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == ["FlashHeadLlamaForCausalLM"]
+    assert config["flash_head_cache_dir"] == "flash_head_assets"
+    assert config["flash_head_special_token_ids"] == [2] and config["n_probes"] == index.config.n_probes
+    with pytest.raises(FileExistsError, match="--force"):
+        vllm.export(index, model_dir)
+    back = vllm.import_assets(model_dir, w)
+    assert torch.equal(back.slot_token, torch.sort(index.slot_token, dim=1).values)
+    assert torch.equal(back.centroids, index.centroids)
