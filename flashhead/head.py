@@ -1,0 +1,598 @@
+"""FlashHead: a retrieval-based drop-in replacement for an LM's dense output head.
+
+The dense head computes ``logits = h @ W.T`` over all ``V`` vocabulary rows.  FlashHead
+stores the rows cluster by cluster as one dense ``rows[K, cap, d]`` tensor (``slot_token``
+maps every slot to its token id, ``-1`` = empty slot whose row is zero) plus one float32
+centroid per cluster, and at each decode step
+
+1. *stage 1* scores the ``K`` centroids (``h . c_k``, optionally with int8/int4 centroids)
+   and keeps ``p = n_probes`` clusters: the top-p (greedy) or ``p`` clusters drawn without
+   replacement with probabilities ``softmax(scores / T)`` (Gumbel-top-p) when sampling;
+2. *stage 2* computes exact logits, in the model dtype, for the ``p * cap`` rows of those
+   clusters plus a few always-scored ids (e.g. EOS).  Stage 2 is never quantized.
+
+Everything outside the candidates is ``-inf``, so ``forward`` can stand in for the dense
+head under ``transformers``' ``generate()`` (logits processors/warpers keep working), while
+``greedy``/``sample`` are fast paths that never build a vocabulary-wide tensor.
+
+Kernel choices (measured with ``benchmarks/stage1_lab.py`` on the 2-vCPU AMD EPYC dev box,
+AVX512-VNNI/BF16, torch 2.13 CPU, 1 thread, p10 of single calls in microseconds; the box
+was shared with other jobs, so only differences well above 2x are meaningful.  "cold" =
+last-level cache evicted before each call, as in a real decode step where the model's
+weights stream through the cache between two head calls).
+
+Stage 1, ``[N, d] x [K, d]^T``, cold LLC::
+
+    Gemma-like K=16384 d=640                  N=1     N=4    N=16     N=64
+    fp32 h @ C.T                             2634    4779    7888    28870
+    fp32 h @ Ct (pre-transposed)  <- float   1571    4561    9889    25702
+    bf16 h @ C.T (bf16 centroids)            1523    1641    2196     4364
+    int8 dequant + fp32 (naive)             40112   54953   65442    80831
+    int8 _weight_int8pack_mm, fp32 act       6893   39645  168418   664517
+    int8 _weight_int8pack_mm, bf16 act        690     764    2646    13542
+    int8 dyn-act _int_mm, W [d,K]             917    1005    1703     2892
+    int8 dyn-act _int_mm, W.T view <- int8    484    1214    1729     3166
+    int4 _weight_int4pack_mm_for_cpu fp32   15791   87104  353567  1421004
+    int4 _weight_int4pack_mm_for_cpu bf16     463     645    2278    12146  <- int4
+    int4 nibble unpack + 2x _int_mm          1773    1893    2298     3981
+
+    SmolLM2-like K=3072 d=576                 N=1     N=4    N=16     N=64
+    fp32 h @ C.T                              453     559    1110     2661
+    fp32 h @ Ct (pre-transposed)  <- float    280     538     948     2667
+    bf16 h @ C.T (bf16 centroids)             341     304     425      803
+    int8 dequant + fp32 (naive)               840    1042    1533     3271
+    int8 _weight_int8pack_mm, fp32 act       1163    4722   27559   114270
+    int8 _weight_int8pack_mm, bf16 act        160     157     450     1628
+    int8 dyn-act _int_mm, W [d,K]             230     221     302      554
+    int8 dyn-act _int_mm, W.T view <- int8    168     269     341      630
+    int4 _weight_int4pack_mm_for_cpu fp32    2625   13699   60522   238914
+    int4 _weight_int4pack_mm_for_cpu bf16     112     144     399     1452  <- int4
+    int4 nibble unpack + 2x _int_mm           305     382     488      792
+
+With a hot cache the int8 ``_int_mm`` path is 115 us (Gemma) / 36 us (SmolLM2) at N=1
+vs 1440 / 79 us for fp32.  Hence:
+
+* ``"float"``: fp32 ``h @ Ct`` with the centroids stored pre-transposed ``[d, K]``.
+* ``"int8"``: per-centroid symmetric int8 (``q = round(c / s)``, ``s = max|c| / 127``),
+  activations quantized dynamically per row to int8 (``max|h| / 127``), ``torch._int_mm``
+  (exact int32 accumulation, VNNI) on the ``[K, d]`` weight passed as a ``.t()`` view, then
+  ``acc * s_h * s_c`` in float32.  The weight-only ``_weight_int8pack_mm`` is only fast with
+  bf16 activations and is still slower; with fp32 activations it is a scalar loop.
+* ``"int4"``: per-centroid symmetric int4 (``s = max|c| / 7``, ``q`` in [-7, 7]) packed by
+  ``aten._convert_weight_to_int4pack_for_cpu`` and multiplied by
+  ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations (the only fast path of that
+  kernel), one scale per centroid repeated over every group and zero point 0; ``K`` is
+  padded to a multiple of 16 and ``d`` to a multiple of 32 (kernel constraints).  It is the
+  fastest stage 1 at N <= 4 and reads half the bytes of int8, but it is a per-row GEMV
+  (time linear in N): for batched decode (N >= 16) prefer ``"int8"``.  A nibble-unpack +
+  ``_int_mm`` path wins at N >= 16, but mixing two kernels would make a row's clusters
+  depend on the batch it is in, so it is not used.  Scores come out rounded to bf16.
+  ``aten._dyn_quant_matmul_4bit`` was rejected: on x86 it stores the weight as fp32.
+
+On non-CPU devices the quantized modes fall back to a dequantize-and-matmul reference.
+
+Stage 2, exact logits of ``p * cap`` gathered rows per query, cold LLC::
+
+    Gemma-like K=16384 cap=16 d=640 p=32      fp32: N=1    N=4   N=16   N=64 | bf16: N=1   N=4   N=16   N=64
+    rows[cl] + bmm                                   189   1513   6097  57450 |       256   797   3395  32524
+    index_select (all rows) + bmm                    128   1238   5200  53666 |       165   437   1431  26664
+    einsum on rows[cl]                               229   1542   6106  57481 |       474   793   3427  32800
+    per row: rows[cl[i]] + F.linear                  235    625   2445  10625 |       232   684   2633  10918
+    per row: index_select + mv        <- chosen      147    362   1342   6110 |       161   369   1444   6168
+    one mv per (row, cluster), no gather             217    815   3167  14105 |       656  2304   9422  37470
+    dense h @ W.T (what FlashHead replaces)        41634  76577 119223      - |     20228 22597  29360      -
+
+    SmolLM2-like K=3072 cap=16 d=576 p=16     fp32: N=1    N=4   N=16   N=64 | bf16: N=1   N=4   N=16   N=64
+    index_select (all rows) + bmm                    112    650   2320  25201 |       139   207    629   3958
+    per row: rows[cl[i]] + F.linear                  138    381   1328   5392 |       184   381   1563   6219
+    per row: index_select + mv        <- chosen      100    183    616   2875 |       128   247    844   3323
+    dense h @ W.T                                   7153  12868  17610      - |      3497  3607   5206      -
+
+Batched ``bmm`` with a vector right-hand side is slow on CPU (fp32 above all) and the
+all-rows gather spills the cache for large N, so each row gathers its own clusters with
+``index_select`` and does one GEMV; this also makes a row's logits independent of the batch.
+For ``forward`` the cost of the full-width tensor is the ``-inf`` fill (Gemma V=262144:
+37 / 128 / 527 us at N=1/4/16); the scatter adds ~10 us, and ``scatter_reduce(amax)``
+(used: deterministic, and -inf entries of empty slots can never hide a real logit) costs
+the same as ``scatter_``.  Gumbel noise is drawn with ``uniform_`` (``exponential_`` is 4x
+slower and dominated sampling at K=16384).
+
+End to end (``--only e2e``, cold LLC, bf16 rows, 1 thread, validation included)::
+
+    Gemma-like K=16384 cap=16 p=32      MB/row    N=1    N=4   N=16
+    dense F.linear + argmax              320.0  20964  22662  32685
+    greedy, stage1 float                  40.6   1987   5125   9289
+    greedy, stage1 int8                   10.7    820   1966   3923
+    greedy, stage1 int4                    5.9    788   1405   4793
+    sample int8 (T=0.8, top_p=0.9)        10.7   1048   2782   5863
+    forward int8 (full-width logits)      10.7    917   2253   5050
+
+    SmolLM2-like K=3072 cap=16 p=16     MB/row    N=1    N=4   N=16
+    dense F.linear + argmax               54.0   3503   3818   5664
+    greedy, stage1 float                   7.0    550   1133   2388
+    greedy, stage1 int8                    2.0    359    681   1519
+    greedy, stage1 int4                    1.2    333    586   1630
+    sample int8 (T=0.8, top_p=0.9)         2.0    591    924   2167
+    forward int8 (full-width logits)       2.0    431    695   1676
+
+Batch invariance: stage 2 and the int8/int4 stage 1 compute each row independently; the
+fp32 stage 1 uses a GEMV for N=1 and a GEMM otherwise, which may differ in the last ulp,
+so a near-tie between two centroids can resolve differently inside and outside a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FlashHead", "STAGE1_MODES"]
+
+STAGE1_MODES = ("float", "int8", "int4")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NEG_INF = float("-inf")
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log U)`` shaped like ``x`` (float32).
+
+    Built from ``uniform_`` because ``Tensor.exponential_`` is ~4x slower on CPU (3.9 ms vs
+    0.95 ms for 16 x 16384 draws): with Gemma-size K it dominated sampling.  U = 0 (prob.
+    2^-24 per draw) would give -inf; it is clamped to a finite value so that a lone
+    surviving candidate (top_k=1, tiny top_p) can never be lost.
+    """
+    u = torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_(generator=generator)
+    return u.log_().neg_().log_().neg_().clamp_(min=-30.0)
+
+
+class FlashHead(torch.nn.Module):
+    """Two-stage (centroids, then exact rows of the probed clusters) LM output head.
+
+    Args:
+        rows: ``[K, cap, d]`` head rows grouped by cluster, in the model dtype (fp32, bf16
+            or fp16).  Kept by reference and never copied, so it may be a view of the
+            model's (tied) embedding weight.  Empty slots must hold zeros.
+        slot_token: ``[K, cap]`` integer token id of every slot, ``-1`` for an empty slot
+            (at most ``cap - 1`` empty slots in total, every token at most once).
+        centroids: ``[K, d]`` one centroid per cluster (stored as float32).
+        out_features: width of the logits the dense head produces (``>= max id + 1``);
+            ids without a slot (e.g. embedding padding rows) always get ``-inf``.
+        n_probes: number of clusters ``p`` scored exactly per query, ``1 <= p <= K``.
+        always_ids: token ids scored at every step whatever the probes (e.g. EOS); each
+            must own a slot.
+        stage1: ``"float"``, ``"int8"`` or ``"int4"`` centroids for stage 1.
+    """
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        slot_token: torch.Tensor,
+        centroids: torch.Tensor,
+        *,
+        out_features: int,
+        n_probes: int,
+        always_ids: torch.Tensor | None = None,
+        stage1: str = "float",
+    ) -> None:
+        super().__init__()
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 3:
+            raise ValueError(
+                f"rows must be a [K, cap, d] tensor, got "
+                f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}; "
+                "reshape the cluster-ordered head weight to [K, cap, d]"
+            )
+        if rows.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"rows must be float32, bfloat16 or float16 (the model dtype), got {rows.dtype}")
+        if rows.stride(-1) != 1:
+            raise ValueError(
+                "rows must have a unit stride in its last (hidden) dimension; "
+                "pass a view of a row-major weight, e.g. weight.view(K, cap, d)"
+            )
+        K, cap, d = rows.shape
+        if K < 1 or cap < 1 or d < 1:
+            raise ValueError(f"rows has an empty dimension: shape {tuple(rows.shape)}")
+        device = rows.device
+
+        if not isinstance(slot_token, torch.Tensor) or tuple(slot_token.shape) != (K, cap):
+            raise ValueError(
+                f"slot_token must have shape [K, cap] = [{K}, {cap}] matching rows, got "
+                f"{tuple(slot_token.shape) if isinstance(slot_token, torch.Tensor) else type(slot_token).__name__}"
+            )
+        if slot_token.dtype.is_floating_point or slot_token.dtype == torch.bool or slot_token.is_complex():
+            raise ValueError(f"slot_token must be an integer tensor, got {slot_token.dtype}")
+        slot_token = slot_token.to(device=device, dtype=torch.int64).contiguous()
+
+        out_features = int(out_features)
+        if out_features < 1:
+            raise ValueError(f"out_features must be >= 1, got {out_features}")
+        if bool((slot_token < -1).any()):
+            raise ValueError("slot_token holds ids < -1; use -1 (and only -1) to mark an empty slot")
+        max_id = int(slot_token.max())
+        if max_id >= out_features:
+            raise ValueError(
+                f"slot_token holds id {max_id} but out_features={out_features}; "
+                "out_features must be >= max token id + 1 (the dense head's logit width)"
+            )
+        if max_id < 0:
+            raise ValueError("slot_token has no token at all (every slot is -1)")
+        valid = slot_token >= 0
+        n_empty = int((~valid).sum())
+        if n_empty > cap - 1:
+            raise ValueError(
+                f"{n_empty} empty slots but at most cap - 1 = {cap - 1} are allowed "
+                "(every cluster must hold at least one token); rebuild the index"
+            )
+        ids_flat = slot_token[valid]
+        if ids_flat.unique().numel() != ids_flat.numel():
+            raise ValueError("slot_token lists a token id more than once; every token must own exactly one slot")
+
+        if not isinstance(centroids, torch.Tensor) or tuple(centroids.shape) != (K, d):
+            raise ValueError(
+                f"centroids must have shape [K, d] = [{K}, {d}], got "
+                f"{tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids).__name__}"
+            )
+        if not centroids.dtype.is_floating_point:
+            raise ValueError(f"centroids must be a float tensor, got {centroids.dtype}")
+        centroids = centroids.detach().to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(centroids).all()):
+            raise ValueError("centroids contain NaN/Inf; rebuild the index")
+
+        if stage1 not in STAGE1_MODES:
+            raise ValueError(f"stage1 must be one of {STAGE1_MODES}, got {stage1!r}")
+
+        # token id -> flat slot (k * cap + j), -1 when the token owns no slot
+        token_slot = torch.full((out_features,), -1, dtype=torch.int64, device=device)
+        token_slot[ids_flat] = torch.arange(K * cap, device=device)[valid.flatten()]
+
+        if always_ids is None:
+            always = torch.empty(0, dtype=torch.int64, device=device)
+        else:
+            always = torch.as_tensor(always_ids, device=device)
+            if always.dtype.is_floating_point or always.dtype == torch.bool:
+                raise ValueError(f"always_ids must be integer token ids, got {always.dtype}")
+            always = always.to(torch.int64).flatten().unique()
+            if always.numel() and (int(always.min()) < 0 or int(always.max()) >= out_features):
+                raise ValueError(f"always_ids must lie in [0, out_features={out_features}), got {always.tolist()}")
+            missing = always[token_slot[always] < 0]
+            if missing.numel():
+                raise ValueError(
+                    f"always_ids {missing.tolist()} own no slot in slot_token, so their rows are unknown; "
+                    "put them in the index or drop them from always_ids"
+                )
+        always_slot = token_slot[always]
+
+        self.K, self.cap, self.d = K, cap, d
+        self.out_features = out_features
+        self.stage1 = stage1
+        # rows: a reference, never copied, never saved (it is the model's weight).
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("slot_token", slot_token, persistent=False)
+        self.register_buffer("token_slot", token_slot, persistent=False)
+        self.register_buffer("always_ids", always, persistent=False)
+        self.register_buffer("always_cluster", always_slot // cap, persistent=False)
+        self.register_buffer("always_pos", always_slot % cap, persistent=False)
+        self._build_stage1(centroids)
+
+        self._n_probes = 1
+        self.n_probes = n_probes
+        self._temperature: float | None = None
+        #: generator used by ``forward`` when ``temperature`` is set (None = global RNG)
+        self.generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _build_stage1(self, c: torch.Tensor) -> None:
+        """Precompute the stage-1 weight in the layout its fastest kernel wants."""
+        K, d = c.shape
+        if self.stage1 == "float":
+            self.register_buffer("_c_t", c.t().contiguous(), persistent=False)  # [d, K]
+        elif self.stage1 == "int8":
+            s = c.abs().amax(1).clamp_min(1e-30) / 127.0
+            q = torch.round(c / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            # d padded to a multiple of 8 with zeros: torch._int_mm (2.13, CPU) returns garbage
+            # for an inner dimension of 1, and real models have d % 8 == 0 anyway (no cost)
+            self._int8_dpad = _round_up(d, 8)
+            self.register_buffer("_q", F.pad(q, (0, self._int8_dpad - d)).contiguous(), persistent=False)  # [K, d8]
+            self.register_buffer("_scale", s, persistent=False)
+        else:  # int4
+            s = c.abs().amax(1).clamp_min(1e-30) / 7.0
+            q = torch.round(c / s[:, None]).clamp_(-7, 7).to(torch.int32)
+            # int8 copy of the int4 values: source of ``centroids`` and of the non-CPU fallback
+            self.register_buffer("_q", q.to(torch.int8).contiguous(), persistent=False)
+            self.register_buffer("_scale", s, persistent=False)
+            d_pad = _round_up(d, 32)
+            K_pad = _round_up(K, 16)
+            group = next(g for g in (256, 128, 64, 32) if d_pad % g == 0)
+            self._int4_group = group
+            self._int4_dpad = d_pad
+            self.register_buffer("_int4_packed", None, persistent=False)
+            self.register_buffer("_int4_sz", None, persistent=False)
+            if c.device.type == "cpu":
+                qp = torch.zeros(K_pad, d_pad, dtype=torch.int32)
+                qp[:K, :d] = q
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((qp + 8).contiguous(), 1)
+                sz = torch.zeros(d_pad // group, K_pad, 2, dtype=torch.bfloat16)
+                sz[:, :K, 0] = s.to(torch.bfloat16)
+                sz[:, K:, 0] = 1.0
+                self.register_buffer("_int4_packed", packed, persistent=False)
+                self.register_buffer("_int4_sz", sz, persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Keep stage-1 tensors in their dtypes (losslessly) when the module is cast
+        (``model.half()``, ``.to(torch.bfloat16)``); device moves apply as usual."""
+        keep = {n: b for n, b in self._buffers.items() if n in ("_c_t", "_scale", "_int4_sz") and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    # ------------------------------------------------------------- properties
+    @property
+    def centroids(self) -> torch.Tensor:
+        """``[K, d]`` float32 centroids stage 1 really uses (dequantized for int8/int4)."""
+        if self.stage1 == "float":
+            return self._c_t.t()
+        return self._q[:, : self.d].float() * self._scale[:, None]
+
+    @property
+    def n_probes(self) -> int:
+        """Number of clusters scored exactly per query (1..K)."""
+        return self._n_probes
+
+    @n_probes.setter
+    def n_probes(self, value: int) -> None:
+        self._n_probes = self._check_probes(value)
+
+    @property
+    def temperature(self) -> float | None:
+        """Cluster-selection temperature for ``forward``: None = top-p, float = Gumbel-top-p."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float | None) -> None:
+        self._temperature = None if value is None else self._check_temperature(value)
+
+    def extra_repr(self) -> str:
+        return (
+            f"K={self.K}, cap={self.cap}, d={self.d}, out_features={self.out_features}, "
+            f"n_probes={self.n_probes}, always={self.always_ids.numel()}, stage1={self.stage1!r}, "
+            f"dtype={self.rows.dtype}"
+        )
+
+    # ------------------------------------------------------------- validation
+    def _check_probes(self, value: int | None) -> int:
+        if value is None:
+            return self._n_probes
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"n_probes must be an int in [1, K={self.K}], got {value!r}")
+        value = int(value)
+        if not 1 <= value <= self.K:
+            raise ValueError(f"n_probes must be in [1, K={self.K}], got {value}; clamp it to that range")
+        return value
+
+    @staticmethod
+    def _check_temperature(value: float) -> float:
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature must be a positive float, got {value!r}") from None
+        if not (t > 0.0 and math.isfinite(t)):
+            raise ValueError(
+                f"temperature must be a finite float > 0, got {value!r}; "
+                "use greedy()/temperature=None for T -> 0"
+            )
+        return t
+
+    def _check_hidden(self, h: torch.Tensor, *, two_d: bool) -> torch.Tensor:
+        """Validate hidden states; returns a contiguous ``[N, d]`` tensor."""
+        if not isinstance(h, torch.Tensor):
+            raise ValueError(f"hidden states must be a torch.Tensor, got {type(h).__name__}")
+        if not h.dtype.is_floating_point:
+            raise ValueError(f"hidden states must be a float tensor, got {h.dtype}")
+        if h.dim() == 0 or h.shape[-1] != self.d:
+            raise ValueError(
+                f"hidden states must have last dim d={self.d} (the head's input width), got shape "
+                f"{tuple(h.shape)}; pass the final-norm output of the same model"
+            )
+        if two_d and h.dim() != 2:
+            raise ValueError(f"expected [N, d={self.d}] hidden states, got shape {tuple(h.shape)}; use h.reshape(-1, d)")
+        if h.device != self.rows.device:
+            raise ValueError(f"hidden states are on {h.device} but the head is on {self.rows.device}; move one of them")
+        h = h.reshape(-1, self.d)
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(
+                "hidden states contain NaN or Inf; the model overflowed (fp16?) or diverged -- "
+                "fix the model/dtype, the head cannot rank non-finite inputs"
+            )
+        return h.contiguous()
+
+    # ---------------------------------------------------------------- stage 1
+    def stage1_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Centroid scores ``h . c_k`` ([N, d] -> [N, K] float32) with the stage-1 kernel."""
+        h = self._check_hidden(h, two_d=True)
+        return self._scores(h)
+
+    def _scores(self, h: torch.Tensor) -> torch.Tensor:
+        h32 = h.float()
+        if self.stage1 == "float":
+            return h32 @ self._c_t
+        cpu = h.device.type == "cpu"
+        if self.stage1 == "int8":
+            if not cpu:
+                return (h32 @ self._q[:, : self.d].t().float()) * self._scale
+            a = h32.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127.0
+            hq = torch.round(h32 / a).to(torch.int8)
+            if self._int8_dpad != self.d:
+                hq = F.pad(hq, (0, self._int8_dpad - self.d))
+            return torch._int_mm(hq, self._q.t()).float().mul_(a).mul_(self._scale)
+        # int4
+        if not cpu or self._int4_packed is None:
+            return (h32 @ self._q.t().float()) * self._scale
+        hb = h32.to(torch.bfloat16)
+        if self._int4_dpad != self.d:
+            hb = F.pad(hb, (0, self._int4_dpad - self.d))
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(hb, self._int4_packed, self._int4_group, self._int4_sz)
+        return out[:, : self.K].float()
+
+    def select_clusters(
+        self,
+        h: torch.Tensor,
+        n_probes: int | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Stage 1: ``[N, p]`` cluster ids, top-p of the scores, or Gumbel-top-p of scores/T.
+
+        With a temperature the p clusters are drawn without replacement with probabilities
+        ``softmax(scores / T)`` (Gumbel-top-k trick), so that sampling can reach every token.
+        """
+        h = self._check_hidden(h, two_d=True)
+        p = self._check_probes(n_probes)
+        t = None if temperature is None else self._check_temperature(temperature)
+        return self._select(h, p, t, generator)
+
+    def _select(self, h: torch.Tensor, p: int, t: float | None, generator: torch.Generator | None) -> torch.Tensor:
+        N = h.shape[0]
+        if p == self.K:  # every cluster: no ranking needed (and no RNG consumed)
+            return torch.arange(self.K, device=h.device).expand(N, self.K)
+        scores = self._scores(h)
+        if t is not None:
+            scores = scores.div_(t).add_(_gumbel_like(scores, generator))
+        return torch.topk(scores, p, dim=1, sorted=False).indices
+
+    # ---------------------------------------------------------------- stage 2
+    def candidates(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: exact logits of the probed clusters' rows plus the always-scored ids.
+
+        Returns ``(token_ids [N, M] int64, logits [N, M] float32)`` with
+        ``M = p * cap + len(always_ids)``.  Empty slots, and always-scored ids that are also
+        in a probed cluster (so that every token appears once), have id ``-1`` and logit
+        ``-inf``.
+        """
+        h = self._check_hidden(h, two_d=True)
+        if not isinstance(clusters, torch.Tensor) or clusters.dim() != 2 or clusters.shape[0] != h.shape[0]:
+            raise ValueError(
+                f"clusters must be a [N={h.shape[0]}, p] integer tensor (from select_clusters), got "
+                f"{tuple(clusters.shape) if isinstance(clusters, torch.Tensor) else type(clusters).__name__}"
+            )
+        if clusters.dtype.is_floating_point or clusters.dtype == torch.bool:
+            raise ValueError(f"clusters must hold integer cluster ids, got {clusters.dtype}")
+        clusters = clusters.to(device=h.device, dtype=torch.int64)
+        if clusters.numel() and (int(clusters.min()) < 0 or int(clusters.max()) >= self.K):
+            raise ValueError(f"cluster ids must lie in [0, K={self.K})")
+        return self._candidates(h, clusters.contiguous())
+
+    def _candidates(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, p = clusters.shape
+        M = p * self.cap
+        hc = h.to(self.rows.dtype)
+        # per row: gather that row's clusters, one GEMV (fastest, see module docstring; no out=
+        # so that autograd still works when rows is a view of a trainable weight)
+        rows = self.rows
+        if N == 0:
+            logits = torch.empty(0, M, dtype=torch.float32, device=h.device)
+        else:
+            logits = torch.stack(
+                [torch.mv(rows.index_select(0, clusters[i]).view(M, self.d), hc[i]) for i in range(N)]
+            ).float()
+        ids = self.slot_token[clusters].view(N, M)
+        logits.masked_fill_(ids < 0, _NEG_INF)
+        if self.always_ids.numel():
+            a_rows = self.rows[self.always_cluster, self.always_pos]  # [A, d]
+            a_logits = (hc @ a_rows.t()).float()  # [N, A]
+            dup = (clusters.unsqueeze(-1) == self.always_cluster).any(1)  # [N, A]
+            a_logits.masked_fill_(dup, _NEG_INF)
+            a_ids = self.always_ids.expand(N, -1).masked_fill(dup, -1)
+            ids = torch.cat([ids, a_ids], 1)
+            logits = torch.cat([logits, a_logits], 1)
+        return ids, logits
+
+    # ---------------------------------------------------------------- outputs
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-width logits ``[..., out_features]`` float32, ``-inf`` outside the candidates.
+
+        Clusters are chosen with ``self.temperature`` (None = top-p) so that ``generate()``
+        with sampling explores clusters in proportion to their probability mass.
+        """
+        h = self._check_hidden(hidden, two_d=False)
+        clusters = self._select(h, self._n_probes, self._temperature, self.generator)
+        ids, logits = self._candidates(h, clusters)
+        out = torch.full((h.shape[0], self.out_features), _NEG_INF, dtype=torch.float32, device=h.device)
+        # -1 (empty/duplicate) entries carry -inf: send them to column 0 with amax so they
+        # can never overwrite a real logit, whatever the scatter order.
+        out.scatter_reduce_(1, ids.clamp(min=0), logits, reduce="amax", include_self=True)
+        return out.view(*hidden.shape[:-1], self.out_features)
+
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """Argmax token ``[N]`` over the top-p candidates, without a vocabulary-wide tensor.
+
+        Ties resolve to the smallest token id, as ``torch.argmax`` does over dense logits.
+        """
+        h = self._check_hidden(h, two_d=True)
+        clusters = self._select(h, self._n_probes, None, None)
+        ids, logits = self._candidates(h, clusters)
+        best = logits.amax(1, keepdim=True)
+        return torch.where(logits == best, ids, _INT64_MAX).amin(1)
+
+    def sample(
+        self,
+        h: torch.Tensor,
+        *,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample one token per row ``[N]``: clusters by Gumbel-top-p, then a token from
+        ``softmax(logits / T)`` over the candidates after top-k then top-p filtering
+        (same rules as transformers' TopK/TopP warpers)."""
+        h = self._check_hidden(h, two_d=True)
+        t = self._check_temperature(temperature)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None (None = no top-k), got {top_k!r}")
+        if top_p is not None:
+            if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < float(top_p) <= 1.0):
+                raise ValueError(f"top_p must be in (0, 1] or None (None or 1.0 = no nucleus cut), got {top_p!r}")
+            top_p = float(top_p)
+        clusters = self._select(h, self._n_probes, t, generator)
+        ids, logits = self._candidates(h, clusters)
+        z = logits.div_(t)
+        if top_k is not None and int(top_k) < z.shape[1]:
+            kth = torch.topk(z, int(top_k), dim=1).values[:, -1:]
+            z = z.masked_fill(z < kth, _NEG_INF)
+        if top_p is not None and top_p < 1.0:
+            sz, si = torch.sort(z, dim=1, descending=False)
+            cum = sz.softmax(1).cumsum(1)
+            drop = cum <= (1.0 - top_p)
+            drop[:, -1] = False  # keep at least the best token
+            z = z.masked_fill(torch.zeros_like(drop).scatter_(1, si, drop), _NEG_INF)
+        pick = (z + _gumbel_like(z, generator)).argmax(1, keepdim=True)  # Gumbel-max == softmax(z) draw
+        return ids.gather(1, pick).squeeze(1)
+
+    # ------------------------------------------------------------------ costs
+    def nbytes_per_step(self, n_probes: int | None = None) -> int:
+        """Bytes one query row reads: stage-1 weights (+ scales) and stage-2 rows + token ids."""
+        p = self._check_probes(n_probes)
+        K, d = self.K, self.d
+        if self.stage1 == "float":
+            s1 = K * d * 4
+        elif self.stage1 == "int8":
+            s1 = self._q.numel() + K * 4
+        else:
+            s1 = K * d // 2 + K * 4 if self._int4_packed is None else (
+                self._int4_packed.numel() * self._int4_packed.element_size()
+                + self._int4_sz.numel() * self._int4_sz.element_size()
+            )
+        elt = self.rows.element_size()
+        n_rows = p * self.cap + int(self.always_ids.numel())
+        return int(s1 + n_rows * (d * elt + 8))
