@@ -63,6 +63,7 @@ def _continue(model, prompts: torch.Tensor, new_tokens: int, batch: int = 50) ->
     return torch.cat(outs)
 
 
+@torch.no_grad()
 def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, temperature: float, subsets: int,
                          generator: torch.Generator) -> dict:
     """Mean TV and KL(FlashHead || dense) at one temperature, Monte Carlo over cluster subsets."""
@@ -89,6 +90,7 @@ def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, 
             "kl": float(kl.mean()), "kl_stderr": float(kl.std() / math.sqrt(len(kl)))}
 
 
+@torch.no_grad()
 def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[int], *, stage1: str = "int8",
              config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
     """Fidelity and cost of FlashHead at each probe count on ``text``, against the dense head."""

@@ -20,3 +20,12 @@ def gemma():
     from flashhead.models import load_model
 
     return load_model("gemma3-270m", verbose=False)
+
+
+@pytest.fixture(scope="session")
+def smol_index(smollm2):
+    """A real SmolLM2 index with the default build settings (calibrated on Pride and Prejudice)."""
+    from flashhead.integrations.transformers import build_for_model
+
+    model, tok = smollm2
+    return build_for_model(model, tok, model_name="smollm2-135m", progress=False)

