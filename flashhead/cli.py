@@ -180,16 +180,6 @@ def _cmd_export_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .decode import generate
-
-    model, tok = _models.load_model(args.model)
-    for prompt in args.prompts or DEMO_PROMPTS:
-        gen = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens)
-        print(f"\n{prompt!r}\n  dense: {gen.texts[0]!r}\n  {gen.tokens_per_second:.1f} tokens/s")
-    return 0
-
-
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
