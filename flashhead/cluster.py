@@ -6,42 +6,55 @@ exactly ``cap`` slots each and minimises the plain k-means objective
 ``w`` to ``S^(1/2) w`` with ``S = E[h h^T]``, so the objective is the expected squared
 logit error ``E[(h . (w_i - c_w))^2]``); here it is plain squared L2.
 
-Algorithm
----------
+Algorithm (chosen by measurement, ``benchmarks/cluster_lab.py``)
+----------------------------------------------------------------
 Lloyd iterations whose assignment step is an (eps-)optimal capacity-constrained
-assignment, made affordable by solving it inside groups of about ``group_clusters``
-(256) neighbouring clusters:
+assignment, made affordable by solving it inside groups of ``group_clusters`` (256)
+neighbouring clusters:
 
-1. *Start.*  A balanced recursive bisection (exact-size 2-means: for two clusters of
-   fixed sizes the optimal split is a sort along ``c1 - c2``) cuts the rows into groups
-   that hold exactly the rows their clusters can take; inside each group the centroids
-   are distinct random rows.
-2. *Assignment.*  Each row may join any cluster of its group; the costs
-   (``n x 256`` distances, per-group GEMMs) are assigned by a forward auction
-   (Bertsekas' auction for assignment with similar objects: a cluster is ``cap``
-   identical slots with prices, unassigned rows bid on their best cluster by their margin
-   over the second best plus ``eps``, a full cluster evicts its lowest bidder).  Early
-   iterations use ``eps = 0.1 * objective`` and stop with 0.1 % of the rows unplaced; the
-   last two use ``eps = 0.03 * objective`` and stop at 0.01 %; leftovers are placed
-   greedily inside their group.  Rows never move outside their group in one iteration.
-3. *Regrouping.*  Before every later iteration the centroids themselves are grouped by a
-   small balanced k-means (random start, 2 iterations; this same function, recursively),
-   so group borders move and rows can migrate anywhere over the iterations.
-4. *Update.*  Centroids are the means, but the centroids used for the next assignment
-   are over-relaxed, ``c <- c + 2.0 * (mean - c)``: with capacity constraints plain Lloyd
-   creeps (clusters are held back by their neighbours' prices) and over-relaxation
-   roughly doubles the progress per iteration.  If the objective ever rises, the next
-   step restarts from the best partition's means with a halved relaxation, and the best
-   partition seen is what is returned.
+1. *Start.*  Balanced recursive bisection along the principal direction (estimated on a
+   4096-row sample) cuts the rows into groups of consecutive clusters, each holding
+   exactly the rows its clusters can take; inside a group the centroids are distinct
+   random rows.
+2. *Assignment.*  A row may join any cluster of its group: ``n x 256`` distances from
+   one GEMM per group (never the ``n x K`` matrix: 17 GB and 5.5 TFLOP per iteration for
+   Gemma).  They are assigned by a forward auction (Bertsekas' auction for assignment
+   with similar objects: a cluster is ``cap`` identical slots with prices; unassigned
+   rows bid on their best cluster, paying their margin over the second best plus ``eps``;
+   a full cluster evicts its lowest bidder, who bids again elsewhere).  Early iterations
+   use ``eps = 0.1 * objective`` and stop with 0.1 % of the rows unplaced, the last two
+   ``eps = 0.03 * objective`` and 0.01 %; leftovers go greedily to the nearest cluster of
+   their group with room.
+3. *Regrouping.*  Before every later iteration the centroids are themselves grouped by a
+   short balanced k-means (this function, recursively, random start), so group borders
+   move and rows migrate anywhere over the iterations (fixed groups: objective +2 %).
+4. *Update.*  The centroids are the means, but the next assignment uses over-relaxed
+   centroids ``c <- c + 2 (mean - c)``: under capacity constraints plain Lloyd creeps
+   (a cluster's move is held back by the prices of its neighbours) and relaxation about
+   doubles the progress per iteration (SmolLM2, 10 iterations: 2.903 -> 2.870; 20
+   iterations: 2.840).  If the objective rises, the next step restarts from the best
+   means with the relaxation halved; the best partition seen is returned.
 
-Why: a greedy capacity-constrained assignment (sort candidate pairs by distance, fill)
-leaves rows that find every near cluster full and must take a far one; those rows are
-lost to retrieval.  The auction never does that (it moves the cheapest displaced row),
-and measured containment improved accordingly.  Flat assignment over all ``K`` clusters
-is unaffordable for Gemma (``n x K`` is 17 GB and 5.5 TFLOP per iteration) and was not
-better per second than grouped assignment with regrouping.
+Why not the greedy fill (pairs by distance, first come first served): rows that find all
+their near clusters full must take a far one, and a far row is lost to retrieval.  The
+auction displaces whichever row loses least.  In the same harness the greedy method (8
+flat iterations, top-32 candidates) reached SmolLM2 objective 2.925 and p=64 containment
+92.7 %; this one 2.856 and 96.2 %.  Larger groups help a little (10 iterations without
+relaxation: 128 -> 2.903, 256 -> 2.890, 512 -> 2.883, 1024 -> 2.877) at proportional cost.
 
-MEASURED_NUMBERS_PLACEHOLDER
+Measured (2 CPU cores, torch threads = 2, default arguments).  Wall time of the clustering
+(map + k-means + centroids) and peak memory of the whole build above the loaded model:
+``benchmarks/build_speed.py`` (idle machine, seed 0).  Objective and top-1 containment of the
+dense argmax token in the top-p clusters (float centroid scores, 4096 held-out positions of
+Emma, S from Pride and Prejudice; mean of seeds 0-2): ``benchmarks/cluster_lab.py``:
+
+    model (n, d, K)                   wall    peak extra  objective  p=32  p=64  p=128 p=256 p=512 p=1024
+    SmolLM2-135M (49152, 576, 3072)     7.1 s  591 MB      2.857      93.3  96.2  97.8  99.3  99.9  99.97
+    Gemma-3-270M (262144, 640, 16384) 39.7 s  1986 MB      2.657      95.8  98.5  99.4  99.9  99.97 99.99
+
+SmolLM2 misses at small p are dominated by one frequent, isolated token ('\\n', id 198:
+the argmax at 11 % of positions; its nearest other row is 7x the mean objective away), so
+they vary with the seed by about +-1 % at p=64.
 
 Empty slots: the ``E = K * cap - n`` (``< cap``) empty slots are spread as evenly as
 possible over the *last* clusters, at the end of their rows: with ``E <= K`` (always when
@@ -50,7 +63,7 @@ possible over the *last* clusters, at the end of their rows: with ``E <= K`` (al
 
 Determinism: all randomness comes from a ``torch.Generator`` seeded with ``seed``; sorts
 are stable and ties are broken by index, so the same input and seed give bit-identical
-``slots`` and ``centroids`` (checked across 1 and 2 torch threads on x86 CPU).
+``slots`` and ``centroids`` (also across 1 and 2 torch threads, checked on x86).
 """
 from __future__ import annotations
 
@@ -90,6 +103,11 @@ _DEFAULTS = dict(
     regroup_iters=2,  # balanced k-means iterations of the centroid grouping
     relax=2.0,  # over-relaxation of the centroids used for the next assignment
     guard=0.5,  # on an objective rise: restart from the best means, relax = 1 + (relax-1)*guard
+    polish_tau=4.0,  # final swaps for rows farther than this times the objective ...
+    polish_rows=2000,  # ... at most this many rows per sweep
+    polish_sweeps=3,
+    eps_first=0.3,  # auction eps relative to the objective, first iteration (random centroids)
+    stop_first=1e-2,  # ... and the fraction of rows it may leave unplaced
     eps_rel=0.1,  # auction eps relative to the objective (early iterations)
     stop_frac=1e-3,  # early iterations stop the auction with this fraction of rows unplaced
     fine_last=2,  # the last iterations use eps_last / stop_last
@@ -308,7 +326,8 @@ def _regroup(cents, group_clusters, gen, iters):
         return torch.arange(k)[None, :]
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     res = _balanced_kmeans(cents, math.ceil(k / group_clusters), group_clusters, iters=iters,
-                           seed=seed, progress=False, fine_last=0, stop_frac=0.01, relax=1.0)
+                           seed=seed, progress=False, fine_last=0, stop_frac=0.01, relax=1.0,
+                           polish_rows=0)
     return res.slots
 
 
@@ -465,6 +484,90 @@ def _auction(cost, members, row_group, capacity, eps, big, stop_below, max_round
     return owner, rounds
 
 
+# --------------------------------------------------------------------------- polish
+
+
+def _polish(x, slots, cents, chunk, tau, max_rows, sweeps):
+    """Exact-objective swaps for the rows farthest from their centroid (in place on ``slots``).
+
+    Lloyd with capacities can park several isolated rows (high-norm tokens such as
+    punctuation) together in one "junk" cluster far from all of them: the mean objective
+    hardly notices, but retrieval of those (frequent) tokens fails.  For each row farther
+    than ``tau`` times the objective from its centroid (at most ``max_rows``, farthest
+    first) this tries every swap with a member of its ``candidates`` nearest other clusters
+    and makes the one that lowers the exact objective (cluster SSEs with moved means) the
+    most (``512 // cap`` clusters, 32 for ``cap = 16``).  Each accepted swap lowers the
+    objective, so this can only help it.
+    Returns the number of swaps.
+    """
+    k, cap = slots.shape
+    candidates = max(1, 512 // cap)  # swap partners tried per row: candidates * cap
+    n = int((slots >= 0).sum())
+    real = slots >= 0
+    cnt = real.sum(1).double()
+    xsq = torch.zeros(x.shape[0], dtype=torch.float64)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+    step = max(1, chunk // cap)
+    for a in range(0, k, step):
+        s = slots[a:a + step]
+        rows = x[s.clamp_min(0)].double() * (s >= 0).unsqueeze(-1)
+        sums[a:a + step] = rows.sum(1)
+        xsq[s[s >= 0]] = rows.pow(2).sum(-1)[s >= 0]
+    sq = (xsq[slots.clamp_min(0)] * real).sum(1)
+    cluster_of = torch.empty(x.shape[0], dtype=torch.long)
+    cluster_of[slots[real]] = torch.arange(k)[:, None].expand_as(slots)[real]
+
+    def sse(s_, q_, c_):
+        return q_ - s_.pow(2).sum(-1) / c_
+
+    swaps = 0
+    for _ in range(sweeps):
+        cents = (sums / cnt[:, None]).float()
+        obj = float(sse(sums, sq, cnt).sum()) / n
+        dist = torch.cat([(x[a:a + chunk] - cents[cluster_of[a:a + chunk]]).pow(2).sum(1)
+                          for a in range(0, x.shape[0], chunk)])
+        far = (dist > tau * obj).nonzero().squeeze(1)
+        if far.numel() == 0:
+            break
+        far = far[torch.argsort(-dist[far], stable=True)][:max_rows]
+        m = min(candidates + 1, k)
+        csq = cents.pow(2).sum(1)
+        near = torch.addmm(csq, x[far], cents.T, alpha=-2.0).topk(m, dim=1, largest=False).indices
+        moved = 0
+        for o, cand in zip(far.tolist(), near):
+            a = int(cluster_of[o])
+            cand = cand[cand != a][: m - 1]
+            mem = slots[cand]  # [c, cap]
+            ok = mem >= 0
+            xm = x[mem.clamp_min(0)].double()  # [c, cap, d]
+            xo = x[o].double()
+            qm = xsq[mem.clamp_min(0)]
+            old = sse(sums[a], sq[a], cnt[a]) + sse(sums[cand], sq[cand], cnt[cand])[:, None]
+            new = sse(sums[a] - xo + xm, sq[a] - xsq[o] + qm, cnt[a]) + \
+                sse(sums[cand][:, None] - xm + xo, sq[cand][:, None] - qm + xsq[o], cnt[cand][:, None])
+            delta = torch.where(ok, new - old, math.inf).reshape(-1)
+            best = int(delta.argmin())
+            if not float(delta[best]) < -1e-9 * max(obj, 1e-30):
+                continue
+            b, j = int(cand[best // cap]), int(mem.reshape(-1)[best])
+            xj = x[j].double()
+            sums[a] += xj - xo
+            sums[b] += xo - xj
+            sq[a] += xsq[j] - xsq[o]
+            sq[b] += xsq[o] - xsq[j]
+            slots[a][slots[a] == o] = j
+            slots[b][slots[b] == j] = o
+            cluster_of[o], cluster_of[j] = b, a
+            moved += 1
+        swaps += moved
+        if moved == 0:
+            break
+    # rows inside a cluster stay in increasing index order
+    slots.copy_(torch.where(slots >= 0, slots, torch.iinfo(torch.long).max).sort(1).values)
+    slots[slots == torch.iinfo(torch.long).max] = -1
+    return swaps
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -497,8 +600,9 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
     gcount = torch.bincount(group_of_row, minlength=g_num).tolist()
     picks, pos = [], 0
     for g in range(g_num):
-        pick = torch.randperm(gcount[g], generator=gen)[: gsize[g]].sort().values
-        picks.append(order[pos + pick])
+        rows = order[pos:pos + gcount[g]]
+        pick = torch.randperm(gcount[g], generator=gen)[: gsize[g]]
+        picks.append(rows[pick.sort().values])
         pos += gcount[g]
     cents = x[torch.cat(picks)]
     owner = torch.empty(n, dtype=torch.long)
@@ -524,10 +628,12 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
             last = 0 < it and it >= iters - int(opt["fine_last"])  # the random start is never fine
             scale = obj if obj is not None else float((cost.min(1).values.double().sum() + xsq_sum) / n)
             scale = max(scale, 1e-30)
+            eps, stop = (opt["eps_last"], opt["stop_last"]) if last else (opt["eps_rel"], opt["stop_frac"])
+            if it == 0:  # from random centroids: a rough assignment is enough
+                eps, stop = opt["eps_first"], opt["stop_first"]
             with _one_thread():
-                got, rounds = _auction(cost, members, row_group, capacity,
-                                       eps=float(opt["eps_last" if last else "eps_rel"]) * scale, big=1e3 * scale,
-                                       stop_below=int(float(opt["stop_last" if last else "stop_frac"]) * n),
+                got, rounds = _auction(cost, members, row_group, capacity, eps=float(eps) * scale,
+                                       big=1e3 * scale, stop_below=int(float(stop) * n),
                                        max_rounds=int(opt["max_rounds"]), patience=int(opt["patience"]))
             del cost, row_group
             owner = torch.empty_like(owner)
@@ -559,6 +665,10 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
     if history:
         owner = best_owner
     slots = _slots(owner, capacity, cap)
+    if history and opt["polish_rows"]:
+        if _polish(x, slots, best_means, chunk, float(opt["polish_tau"]), int(opt["polish_rows"]),
+                   int(opt["polish_sweeps"])):
+            best_means = _means(x, slots, chunk)
     cents = best_means if history else _means(x, slots, chunk)
     obj = _objective(x, cents, slots, chunk)
     if stats is not None:
