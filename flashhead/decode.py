@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
         raise ValueError("every prompt must be a non-empty string")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # transformers silently ignores some out-of-range sampling arguments: refuse them here
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}; omit it for greedy decoding")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     sampling = temperature is not None

@@ -170,7 +170,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | st
 
     dtype = _dtype(dtype)
     folder = local_dir(model, verbose=verbose)
-    m = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()  # never unpickle
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

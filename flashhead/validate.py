@@ -1,34 +1,73 @@
 """Reading FlashHead assets defensively: every way a file can be wrong gets a clear AssetError.
 
 Assets are read only through safetensors and JSON, never pickle, so a file cannot execute code on
-load; anything else (a pickle, truncated bytes, a hand-edited JSON) is refused with the reason.
+load; anything else (a pickle, truncated bytes, a hand-edited JSON) is refused with the reason. The
+checksum in ``flashhead.json`` (written by :meth:`FlashHeadIndex.save`) catches the damage that
+still parses, such as a flipped bit in a centroid; assets saved before checksums existed are
+checked for structure only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
-from .index import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, AssetError, FlashHeadIndex, IndexConfig
+from .index import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, AssetError, FlashHeadIndex, IndexConfig, checksum
 
 _INT_FIELDS = ("vocab_size", "num_tokens", "hidden_size", "num_clusters", "cluster_size", "n_probes", "format_version")
+_CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
+#: how pickles start: protocol 2+ opcode PROTO, or the zip archive torch.save writes
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+#: what a malformed safetensors file can raise while being parsed
+_PARSE_ERRORS = (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError, KeyError)
 
 
 def _fail(folder: Path, what: str) -> AssetError:
     return AssetError(f"FlashHead assets in {folder} are not usable: {what}; rebuild them with `flashhead build`")
 
 
-def _read_config(folder: Path) -> IndexConfig:
+def refuse_pickle(data: bytes, path: Path) -> str | None:
+    """Why ``data`` (the bytes of ``path``) must not be read, if it is a pickle or a torch.save file."""
+    if data.startswith(_PICKLE_MAGIC):
+        return (f"{path.name} is a pickle or torch.save file, not safetensors; flashhead never unpickles files "
+                "(unpickling can run arbitrary code)")
+    return None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The tensors of a safetensors file and its raw bytes; ValueError with the reason if they do not
+    parse (OSError if the file cannot be read)."""
+    data = path.read_bytes()
+    why = refuse_pickle(data, path)
+    if why:
+        raise ValueError(why)
+    try:
+        return load_safetensors(data), data
+    except _PARSE_ERRORS as e:
+        raise ValueError(f"{path.name} is not a readable safetensors file ({e})") from None
+
+
+def _read_config(folder: Path) -> tuple[IndexConfig, str | None]:
+    """The index config and its checksum (None for assets saved before checksums existed)."""
     path = folder / CONFIG_FILE
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise _fail(folder, f"{CONFIG_FILE} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise _fail(folder, f"{CONFIG_FILE} cannot be read ({e})") from None
+    why = refuse_pickle(data, path)
+    if why:
+        raise _fail(folder, why)
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _fail(folder, f"{CONFIG_FILE} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise _fail(folder, f"{CONFIG_FILE} must hold a JSON object")
@@ -45,27 +84,30 @@ def _read_config(folder: Path) -> IndexConfig:
         raise _fail(folder, f"always_ids must be a list of token ids in 0..{raw['num_tokens'] - 1}")
     if not isinstance(raw["fingerprint"], str):
         raise _fail(folder, "fingerprint must be a string")
+    digest = raw.pop("checksum", None)
+    if digest is not None and (not isinstance(digest, str) or not _CHECKSUM.fullmatch(digest)):
+        raise _fail(folder, f"checksum must be 'sha256:' and 64 hex digits, got {digest!r}")
     known = set(IndexConfig.__dataclass_fields__)
     extra = set(raw) - known
     if extra:
         raise _fail(folder, f"{CONFIG_FILE} has unknown keys {sorted(extra)}")
     if not isinstance(raw.get("build", {}), dict) or not isinstance(raw.get("model", ""), str):
         raise _fail(folder, "'build' must be an object and 'model' a string")
-    return IndexConfig(**raw)
+    return IndexConfig(**raw), digest
 
 
 def load_assets(folder: Path) -> FlashHeadIndex:
     """Load and check an index folder written by :meth:`FlashHeadIndex.save`."""
     if not folder.is_dir():
         raise AssetError(f"no FlashHead assets at {folder}: build them with `flashhead build MODEL --out {folder}`")
-    c = _read_config(folder)
+    c, digest = _read_config(folder)
     path = folder / TENSORS_FILE
     if not path.is_file():
         raise _fail(folder, f"{TENSORS_FILE} is missing")
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _fail(folder, f"{TENSORS_FILE} is not a readable safetensors file ({e})") from None
+        tensors, data = read_safetensors(path)
+    except (OSError, ValueError) as e:
+        raise _fail(folder, str(e)) from None
     if set(tensors) != {"slot_token", "centroids"}:
         raise _fail(folder, f"{TENSORS_FILE} must hold exactly slot_token and centroids, found {sorted(tensors)}")
     slots, cents = tensors["slot_token"], tensors["centroids"]
@@ -86,4 +128,7 @@ def load_assets(folder: Path) -> FlashHeadIndex:
     if real.numel() != c.num_tokens or torch.unique(real).numel() != c.num_tokens:
         raise _fail(folder, f"slot_token must list each of the {c.num_tokens} tokens exactly once "
                             f"(found {real.numel()} ids, {torch.unique(real).numel()} distinct)")
+    if digest is not None and digest != checksum(c, hashlib.sha256(data).hexdigest()):
+        raise _fail(folder, f"{TENSORS_FILE} or {CONFIG_FILE} changed after they were written (checksum mismatch): "
+                            "the files are damaged or were edited")
     return FlashHeadIndex(slots, cents, c)
