@@ -9,10 +9,11 @@ bytes read per step, as a fraction of the dense head) and what it changes:
   mean length of the identical prefix (errors compound here, unlike per-position agreement);
 - next-token accuracy against the real text, dense vs FlashHead;
 - sampling: total variation and KL(FlashHead || dense) between the distribution FlashHead samples
-  from and the dense softmax at T = 0.7 and 1.0. FlashHead's distribution is a mixture over random
-  cluster subsets, so it is estimated by Monte Carlo over ``subsets`` subsets per position (each
-  subset's softmax is exact); the report gives the standard error over positions and an estimate of
-  the Monte Carlo bias (TV of a finite mixture overstates the true TV).
+  from and the dense softmax at T = 0.7 and 1.0, computed exactly per position (no Monte Carlo):
+  FlashHead's sampling distribution is the exact softmax over its candidates plus, for every
+  unprobed cluster, its estimated mass spread over its tokens by their exact softmax
+  (:meth:`FlashHead.tail_log_mass`; the tail cluster drawn at each step realises exactly this).
+  The report gives the mean over positions and its standard error.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ class EvalConfig:
     prompt_tokens: int = 32
     new_tokens: int = 64
     tv_positions: int = 256  # positions for TV / KL
-    subsets: int = 64  # Monte Carlo cluster subsets per position
-    seed: int = 0
 
 
 def _continuation_prompts(tokenizer, ids: list[int], n: int, length: int) -> torch.Tensor:
@@ -64,30 +63,42 @@ def _continue(model, prompts: torch.Tensor, new_tokens: int, batch: int = 50) ->
 
 
 @torch.no_grad()
-def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, temperature: float, subsets: int,
-                         generator: torch.Generator) -> dict:
-    """Mean TV and KL(FlashHead || dense) at one temperature, Monte Carlo over cluster subsets."""
-    tvs, tvs_half, kls = [], [], []
-    for i in range(h.shape[0]):
-        clusters = head.select_clusters(h[i:i + 1].expand(subsets, -1), temperature=temperature, generator=generator)
-        ids, logits = head.candidates(h[i:i + 1].expand(subsets, -1).contiguous(), clusters)
-        masked = torch.full((subsets, dense.shape[1]), -math.inf)
-        keep = ids >= 0
-        rows = torch.arange(subsets).unsqueeze(1).expand_as(ids)
-        masked[rows[keep], ids[keep]] = dense[i].expand(subsets, -1)[rows[keep], ids[keep]]
-        q_each = torch.softmax(masked / temperature, -1)
-        p = torch.softmax(dense[i] / temperature, -1)
-        q = q_each.mean(0)
-        q_half = q_each[: subsets // 2].mean(0)
-        tvs.append(0.5 * (q - p).abs().sum())
-        tvs_half.append(0.5 * (q_half - p).abs().sum())
-        nz = q > 0
-        kls.append((q[nz] * (q[nz].log() - p[nz].clamp_min(1e-30).log())).sum())
-    tv, tv_half, kl = torch.stack(tvs), torch.stack(tvs_half), torch.stack(kls)
-    # MC bias of TV shrinks roughly as 1/sqrt(M): bias(M) ~ (TV(M/2) - TV(M)) / (sqrt(2) - 1).
-    bias = float((tv_half.mean() - tv.mean()) / (math.sqrt(2) - 1))
-    return {"tv": float(tv.mean()), "tv_stderr": float(tv.std() / math.sqrt(len(tv))), "tv_mc_bias": max(bias, 0.0),
-            "kl": float(kl.mean()), "kl_stderr": float(kl.std() / math.sqrt(len(kl)))}
+def sampling_distribution(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, temperature: float) -> torch.Tensor:
+    """FlashHead's exact sampling distribution ``[N, V]`` at ``temperature`` (no top-k/top-p), built
+    from the dense logits ``[N, V]`` of the same states: candidates exact, each unprobed cluster's
+    estimated mass spread over its tokens (always-scored ids keep their exact logits)."""
+    clusters, mass = head.tail_log_mass(h, temperature)
+    z = dense.float() / temperature
+    if mass is None:
+        return z.softmax(-1)
+    slot_token = head.slot_token  # [K, cap]
+    real = slot_token >= 0
+    zs = z[:, slot_token.clamp_min(0)].masked_fill(~real, -math.inf)  # [N, K, cap]
+    tail = torch.ones_like(mass, dtype=torch.bool).scatter_(1, clusters, False)  # [N, K]
+    always = torch.isin(slot_token, head.always_ids) & real  # [K, cap]
+    member = tail.unsqueeze(-1) & ~always  # tail tokens whose mass comes from the estimate
+    own = zs.masked_fill(~member, -math.inf).logsumexp(-1, keepdim=True)  # [N, K, 1]
+    spread = zs - own + mass.unsqueeze(-1)  # estimated log mass per tail token
+    lq = torch.where(member, spread, zs)
+    q = lq.flatten(1).softmax(-1)
+    out = torch.zeros_like(z)
+    out[:, slot_token[real]] = q[:, real.flatten()]
+    return out
+
+
+@torch.no_grad()
+def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, temperature: float) -> dict:
+    """Mean TV and KL(FlashHead || dense) at one temperature over the positions, exact per position."""
+    tvs, kls = [], []
+    for a in range(0, h.shape[0], 32):
+        q = sampling_distribution(head, h[a:a + 32], dense[a:a + 32], temperature)
+        lp = torch.log_softmax(dense[a:a + 32].float() / temperature, -1)
+        tvs.append(0.5 * (q - lp.exp()).abs().sum(1))
+        kls.append(torch.where(q > 0, q * (q.clamp_min(1e-45).log() - lp), 0.0).sum(1))
+    tv, kl = torch.cat(tvs), torch.cat(kls)
+    n = math.sqrt(len(tv))
+    return {"tv": float(tv.mean()), "tv_stderr": float(tv.std() / n), "kl": float(kl.mean()),
+            "kl_stderr": float(kl.std() / n)}
 
 
 @torch.no_grad()
@@ -122,7 +133,6 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
     try:
         for p in tqdm(probes, desc="settings", disable=not progress):
             head.n_probes = p
-            g = torch.Generator().manual_seed(config.seed)
             clusters = head.select_clusters(states)
             cand, _ = head.candidates(states, clusters)
             contained = (cand == dense_top.unsqueeze(1)).any(1)
@@ -144,7 +154,7 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
                 "continuation_mean_identical_prefix": float(prefix.mean()),
             }
             for t in TEMPERATURES:
-                div = _sampling_divergence(head, states[tv_idx], dense[tv_idx], t, config.subsets, g)
+                div = _sampling_divergence(head, states[tv_idx], dense[tv_idx], t)
                 row.update({f"{k}_t{t}": v for k, v in div.items()})
             results.append(row)
     finally:
@@ -152,7 +162,7 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
         if was is not None:
             apply(model, index, n_probes=was.n_probes, stage1=was.stage1)
     return {"positions": int(states.shape[0]), "prompts": config.prompts, "new_tokens": config.new_tokens,
-            "tv_positions": config.tv_positions, "subsets": config.subsets, "num_clusters": index.num_clusters,
+            "tv_positions": config.tv_positions, "num_clusters": index.num_clusters,
             "cluster_size": index.cluster_size, "default_n_probes": index.config.n_probes,
             "dense": {"next_token_accuracy": dense_acc, "bytes_per_step": weight_bytes}, "settings": results}
 

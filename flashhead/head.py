@@ -6,10 +6,21 @@ maps every slot to its token id, ``-1`` = empty slot whose row is zero) plus one
 centroid per cluster, and at each decode step
 
 1. *stage 1* scores the ``K`` centroids (``h . c_k``, optionally with int8/int4 centroids)
-   and keeps ``p = n_probes`` clusters: the top-p (greedy) or ``p`` clusters drawn without
-   replacement with probabilities ``softmax(scores / T)`` (Gumbel-top-p) when sampling;
+   and keeps the top ``p = n_probes`` clusters;
 2. *stage 2* computes exact logits, in the model dtype, for the ``p * cap`` rows of those
    clusters plus a few always-scored ids (e.g. EOS).  Stage 2 is never quantized.
+3. *sampling* (temperature ``T``) draws from the exact softmax over those candidates plus a
+   *tail*: every unprobed cluster ``k`` gets an estimated probability mass
+   ``n_k exp(s_k / T + g)`` (``n_k`` tokens, centroid score ``s_k``), where the per-step
+   correction ``g`` is the mean log ratio of exact to estimated mass over the lower-scored
+   half of the probed clusters (the estimate from the centroid alone misses the spread of
+   logits inside a cluster: Jensen's inequality).  One tail cluster is drawn in proportion
+   to its estimated mass, its ``cap`` rows are scored exactly, and their logits are shifted
+   so that together they carry the whole estimated tail mass.  So any token can be sampled,
+   the probed part is exact, and the error is only that of the tail's mass estimates.
+   (Measured on SmolLM2, Persuasion, T = 1, p = 256: TV to the dense softmax 0.0256 when
+   the tail is dropped, 0.0210 with ``g = 0``, 0.0147 with this ``g``; drawing the p
+   clusters by Gumbel-top-p instead, as an earlier version did, gave 0.044.)
 
 Everything outside the candidates is ``-inf``, so ``forward`` can stand in for the dense
 head under ``transformers``' ``generate()`` (logits processors/warpers keep working), while
@@ -91,6 +102,30 @@ Stage 2, exact logits of ``p * cap`` gathered rows per query, cold LLC::
 Batched ``bmm`` with a vector right-hand side is slow on CPU (fp32 above all) and the
 all-rows gather spills the cache for large N, so each row gathers its own clusters with
 ``index_select`` and does one GEMV; this also makes a row's logits independent of the batch.
+The tables above use p=32.  At the shipped default probe counts (K/32: p=512 for Gemma, 21 MB
+of fp32 rows per query) gathering all of a row's clusters at once is costly: the gather writes
+the 21 MB into freshly allocated pages and the GEMV reads them back from memory.  So the rows are
+gathered chunk by chunk (~1 MiB, i.e. 25 Gemma clusters) into one reused per-thread buffer that
+stays in L2, each chunk followed by a GEMV straight into the logits (``out=``), and this loop
+runs on one intra-op thread (``_STAGE2_THREADS``): its ops are too small for a second thread to
+help, while on a shared machine every extra parallel region can wait a scheduler tick for a
+descheduled thread (Gemma in generate() on the loaded dev box: ~190 ms per head call with
+this loop on 2 threads, ~31 ms for the unchunked loop, 11-35 ms for this loop on 1 thread;
+even the best of many 2-thread calls, 1.54 ms at B=1, was no faster than 1 thread's 1.46 ms).
+Stage 2 with the real indexes and hidden states, cold LLC, median / best ms of interleaved
+calls (``benchmarks/head_profile.py stage2``, 1 thread, shared machine)::
+
+                             B=1          B=8           B=64
+    Gemma-3-270M p=512
+      whole gather + GEMV    2.47 / 2.33  91.8 / 26.6   2392 / 595
+      1 MiB chunks           1.57 / 1.46  10.9 / 10.3    117 / 74
+    SmolLM2-135M p=96
+      whole gather + GEMV    0.48 / 0.38  2.25 / 2.00    157 / 136
+      1 MiB chunks           0.41 / 0.30  1.72 / 1.62   17.8 / 14.3
+
+(2-4 MiB chunks are within noise of 1 MiB.)  Chunking keeps the per-row computation
+identical whatever the batch, so batch invariance holds.
+
 For ``forward`` the cost of the full-width tensor is the ``-inf`` fill (Gemma V=262144:
 37 / 128 / 527 us at N=1/4/16); the scatter adds ~10 us, and ``scatter_reduce(amax)``
 (used: deterministic, and -inf entries of empty slots can never hide a real logit) costs
@@ -124,6 +159,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +170,24 @@ STAGE1_MODES = ("float", "int8", "int4")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
 _INT64_MAX = torch.iinfo(torch.int64).max
+#: stage 2 gathers the probed clusters' rows this many bytes at a time into a cache-resident
+#: scratch buffer (see ``FlashHead._candidates``)
+_STAGE2_CHUNK_BYTES = 1 << 20
+#: intra-op threads for stage 2's gather/GEMV loop (None = leave torch's setting).  Its ops are
+#: small (one ~1 MiB chunk each), so a second thread buys nothing even on an idle machine, and
+#: on a shared one every parallel region can wait a scheduler tick for a descheduled thread
+_STAGE2_THREADS: int | None = 1
+_SCRATCH = threading.local()  # per-thread scratch buffer of stage 2 (never shared between threads)
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread reusable buffer of at least ``numel`` elements (no allocation per call)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH.buf = buf
+    return buf[:numel]
 
 
 def _round_up(x: int, m: int) -> int:
@@ -274,6 +328,8 @@ class FlashHead(torch.nn.Module):
         # rows: a reference, never copied, never saved (it is the model's weight).
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("slot_token", slot_token, persistent=False)
+        self._has_empty = n_empty > 0
+        self.register_buffer("_log_count", valid.sum(1).float().log(), persistent=False)  # log tokens per cluster
         self.register_buffer("token_slot", token_slot, persistent=False)
         self.register_buffer("always_ids", always, persistent=False)
         self.register_buffer("always_cluster", always_slot // cap, persistent=False)
@@ -353,7 +409,8 @@ class FlashHead(torch.nn.Module):
 
     @property
     def temperature(self) -> float | None:
-        """Cluster-selection temperature for ``forward``: None = top-p, float = Gumbel-top-p."""
+        """Sampling temperature for ``forward``: None = greedy candidates only; a float adds the
+        sampling tail (one tail cluster, see the module docstring) at that temperature."""
         return self._temperature
 
     @temperature.setter
@@ -444,31 +501,68 @@ class FlashHead(torch.nn.Module):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(hb, self._int4_packed, self._int4_group, self._int4_sz)
         return out[:, : self.K].float()
 
-    def select_clusters(
-        self,
-        h: torch.Tensor,
-        n_probes: int | None = None,
-        temperature: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Stage 1: ``[N, p]`` cluster ids, top-p of the scores, or Gumbel-top-p of scores/T.
+    def select_clusters(self, h: torch.Tensor, n_probes: int | None = None) -> torch.Tensor:
+        """Stage 1: ``[N, p]`` ids of the top-p clusters by centroid score, best first."""
+        h = self._check_hidden(h, two_d=True)
+        return self._select(h, self._check_probes(n_probes))[0]
 
-        With a temperature the p clusters are drawn without replacement with probabilities
-        ``softmax(scores / T)`` (Gumbel-top-k trick), so that sampling can reach every token.
+    def _select(self, h: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(top-p clusters best first [N, p], stage-1 scores [N, K] or None when p = K)."""
+        if p == self.K:  # every cluster: no ranking needed
+            return torch.arange(self.K, device=h.device).expand(h.shape[0], self.K), None
+        scores = self._scores(h)
+        return torch.topk(scores, p, dim=1, sorted=True).indices, scores
+
+    # ---------------------------------------------------------------- sampling tail
+    def tail_log_mass(self, h: torch.Tensor, temperature: float, n_probes: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampling plan: top-p clusters ``[N, p]`` and the estimated log mass at temperature
+        ``T`` of every cluster ``[N, K]`` (``-inf`` for the probed ones; None when p = K).
+
+        Log masses share the scale of ``logits / T`` of the candidates, so the sampled
+        distribution is ``softmax`` over the candidates' ``logits / T`` plus, for each unprobed
+        cluster, its log mass spread over its tokens by their exact softmax (see ``sample``).
         """
         h = self._check_hidden(h, two_d=True)
-        p = self._check_probes(n_probes)
-        t = None if temperature is None else self._check_temperature(temperature)
-        return self._select(h, p, t, generator)
+        t = self._check_temperature(temperature)
+        clusters, scores = self._select(h, self._check_probes(n_probes))
+        if scores is None:
+            return clusters, None
+        _, logits = self._cluster_logits(h, clusters)
+        return clusters, self._tail(scores, clusters, logits, t)
 
-    def _select(self, h: torch.Tensor, p: int, t: float | None, generator: torch.Generator | None) -> torch.Tensor:
-        N = h.shape[0]
-        if p == self.K:  # every cluster: no ranking needed (and no RNG consumed)
-            return torch.arange(self.K, device=h.device).expand(N, self.K)
-        scores = self._scores(h)
-        if t is not None:
-            scores = scores.div_(t).add_(_gumbel_like(scores, generator))
-        return torch.topk(scores, p, dim=1, sorted=False).indices
+    def _tail(self, scores: torch.Tensor, clusters: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
+        """Estimated log mass ``log n_k + s_k / T + g`` of every cluster, ``-inf`` where probed.
+
+        ``g``: mean over the lower-scored half of the probed clusters (``clusters`` is sorted
+        best first) of log(exact mass / estimate), computed from their exact ``logits``.
+        """
+        N, p = clusters.shape
+        est = scores.div(t).add_(self._log_count)
+        exact = logits.view(N, p, self.cap).div(t).logsumexp(-1)  # empty slots are -inf
+        low = slice(p // 2, p) if p > 1 else slice(0, 1)
+        g = (exact - est.gather(1, clusters))[:, low].mean(1, keepdim=True)
+        return est.add_(g).scatter_(1, clusters, _NEG_INF)
+
+    def _with_tail(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, clusters: torch.Tensor,
+                   scores: torch.Tensor | None, t: float, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one tail cluster per row, drawn by estimated mass, its exact logits shifted so
+        that its tokens carry the whole estimated tail mass (logits stay in the 1/T-free scale)."""
+        if scores is None:  # p = K: nothing outside the candidates
+            return ids, logits
+        N, p = clusters.shape
+        mass = self._tail(scores, clusters, logits[:, : p * self.cap], t)  # [N, K]
+        total = mass.logsumexp(1, keepdim=True)  # log of the whole tail's mass
+        pick = (mass + _gumbel_like(mass, generator)).argmax(1, keepdim=True)  # [N, 1], by mass
+        t_ids, t_logits = self._cluster_logits(h, pick)
+        if self.always_ids.numel():  # always-scored ids are among the candidates already
+            t_logits = t_logits.masked_fill(torch.isin(t_ids, self.always_ids), _NEG_INF)
+        own = t_logits.div(t).logsumexp(1, keepdim=True)
+        shift = torch.where(torch.isfinite(own), total - own, _NEG_INF) * t
+        t_logits = t_logits + shift
+        t_ids = t_ids.masked_fill(torch.isinf(t_logits), -1)
+        return torch.cat([ids, t_ids], 1), torch.cat([logits, t_logits], 1)
 
     # ---------------------------------------------------------------- stage 2
     def candidates(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,40 +587,74 @@ class FlashHead(torch.nn.Module):
         return self._candidates(h, clusters.contiguous())
 
     def _candidates(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, logits = self._cluster_logits(h, clusters)
+        if self.always_ids.numel():
+            a_rows = self.rows[self.always_cluster, self.always_pos]  # [A, d]
+            a_logits = (h.to(self.rows.dtype) @ a_rows.t()).float()  # [N, A]
+            dup = (clusters.unsqueeze(-1) == self.always_cluster).any(1)  # [N, A]
+            a_logits.masked_fill_(dup, _NEG_INF)
+            a_ids = self.always_ids.expand(h.shape[0], -1).masked_fill(dup, -1)
+            ids = torch.cat([ids, a_ids], 1)
+            logits = torch.cat([logits, a_logits], 1)
+        return ids, logits
+
+    def _cluster_logits(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact logits of the rows of ``clusters`` [N, p]: (ids [N, p*cap], logits float32 [N, p*cap])."""
         N, p = clusters.shape
-        M = p * self.cap
+        cap, d = self.cap, self.d
+        M = p * cap
         hc = h.to(self.rows.dtype)
-        # per row: gather that row's clusters, one GEMV (fastest, see module docstring; no out=
-        # so that autograd still works when rows is a view of a trainable weight)
         rows = self.rows
         if N == 0:
             logits = torch.empty(0, M, dtype=torch.float32, device=h.device)
-        else:
+        elif torch.is_grad_enabled() and (rows.requires_grad or hc.requires_grad):
+            # autograd path (rows may be a view of a trainable weight): no out= buffers
             logits = torch.stack(
-                [torch.mv(rows.index_select(0, clusters[i]).view(M, self.d), hc[i]) for i in range(N)]
+                [torch.mv(rows.index_select(0, clusters[i]).view(M, d), hc[i]) for i in range(N)]
             ).float()
-        ids = self.slot_token[clusters].view(N, M)
-        logits.masked_fill_(ids < 0, _NEG_INF)
-        if self.always_ids.numel():
-            a_rows = self.rows[self.always_cluster, self.always_pos]  # [A, d]
-            a_logits = (hc @ a_rows.t()).float()  # [N, A]
-            dup = (clusters.unsqueeze(-1) == self.always_cluster).any(1)  # [N, A]
-            a_logits.masked_fill_(dup, _NEG_INF)
-            a_ids = self.always_ids.expand(N, -1).masked_fill(dup, -1)
-            ids = torch.cat([ids, a_ids], 1)
-            logits = torch.cat([logits, a_logits], 1)
+        else:
+            # per row, chunk by chunk: gather ~1 MiB of that row's clusters into a reused scratch
+            # buffer (stays in L2) and run one GEMV on it straight into the logits.  Rows are read
+            # from memory once; gathering all p clusters at once wrote and re-read p*cap*d values
+            # (21 MB per row for Gemma at p=512) through freshly allocated pages.  Each row is
+            # computed with the same chunking whatever the batch, so results stay batch-invariant.
+            C = max(1, min(p, _STAGE2_CHUNK_BYTES // (cap * d * rows.element_size())))
+            buf = _scratch(C * cap * d, rows.dtype, rows.device).view(C, cap, d)
+            logits = torch.empty(N, M, dtype=rows.dtype, device=h.device)
+            threads = torch.get_num_threads()
+            narrow = rows.device.type == "cpu" and _STAGE2_THREADS is not None and threads > _STAGE2_THREADS
+            if narrow:
+                torch.set_num_threads(_STAGE2_THREADS)
+            try:
+                for i in range(N):
+                    cl, out, hi = clusters[i], logits[i], hc[i]
+                    for s in range(0, p, C):
+                        n = min(C, p - s)
+                        b = buf[:n]
+                        torch.index_select(rows, 0, cl[s:s + n], out=b)
+                        torch.mv(b.view(n * cap, d), hi, out=out[s * cap:(s + n) * cap])
+            finally:
+                if narrow:
+                    torch.set_num_threads(threads)
+            logits = logits.float()
+        ids = self.slot_token.index_select(0, clusters.reshape(-1)).view(N, M)
+        if self._has_empty:  # empty slots (zero rows) must not compete: only when K * cap > V
+            logits.masked_fill_(ids < 0, _NEG_INF)
         return ids, logits
 
     # ---------------------------------------------------------------- outputs
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-width logits ``[..., out_features]`` float32, ``-inf`` outside the candidates.
 
-        Clusters are chosen with ``self.temperature`` (None = top-p) so that ``generate()``
-        with sampling explores clusters in proportion to their probability mass.
+        With ``self.temperature`` set (sampled ``generate()``) the candidates include one tail
+        cluster whose shifted logits carry the estimated mass of all unprobed clusters, so the
+        softmax at that temperature is FlashHead's sampling distribution.
         """
         h = self._check_hidden(hidden, two_d=False)
-        clusters = self._select(h, self._n_probes, self._temperature, self.generator)
+        clusters, scores = self._select(h, self._n_probes)
         ids, logits = self._candidates(h, clusters)
+        if self._temperature is not None:
+            ids, logits = self._with_tail(h, ids, logits, clusters, scores, self._temperature, self.generator)
         out = torch.full((h.shape[0], self.out_features), _NEG_INF, dtype=torch.float32, device=h.device)
         # -1 (empty/duplicate) entries carry -inf: send them to column 0 with amax so they
         # can never overwrite a real logit, whatever the scatter order.
@@ -539,8 +667,7 @@ class FlashHead(torch.nn.Module):
         Ties resolve to the smallest token id, as ``torch.argmax`` does over dense logits.
         """
         h = self._check_hidden(h, two_d=True)
-        clusters = self._select(h, self._n_probes, None, None)
-        ids, logits = self._candidates(h, clusters)
+        ids, logits = self._candidates(h, self._select(h, self._n_probes)[0])
         best = logits.amax(1, keepdim=True)
         return torch.where(logits == best, ids, _INT64_MAX).amin(1)
 
@@ -553,9 +680,9 @@ class FlashHead(torch.nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample one token per row ``[N]``: clusters by Gumbel-top-p, then a token from
-        ``softmax(logits / T)`` over the candidates after top-k then top-p filtering
-        (same rules as transformers' TopK/TopP warpers)."""
+        """Sample one token per row ``[N]`` from ``softmax(logits / T)`` over the candidates and
+        one tail cluster (module docstring, point 3), after top-k then top-p filtering (same
+        rules as transformers' TopK/TopP warpers)."""
         h = self._check_hidden(h, two_d=True)
         t = self._check_temperature(temperature)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
@@ -564,8 +691,9 @@ class FlashHead(torch.nn.Module):
             if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < float(top_p) <= 1.0):
                 raise ValueError(f"top_p must be in (0, 1] or None (None or 1.0 = no nucleus cut), got {top_p!r}")
             top_p = float(top_p)
-        clusters = self._select(h, self._n_probes, t, generator)
+        clusters, scores = self._select(h, self._n_probes)
         ids, logits = self._candidates(h, clusters)
+        ids, logits = self._with_tail(h, ids, logits, clusters, scores, t, generator)
         z = logits.div_(t)
         if top_k is not None and int(top_k) < z.shape[1]:
             kth = torch.topk(z, int(top_k), dim=1).values[:, -1:]

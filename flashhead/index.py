@@ -3,8 +3,10 @@
 An index is built once per model (:func:`build_index`) and saved as two files in a folder:
 ``index.safetensors`` (``slot_token`` [K, cap] int64, -1 = empty slot; ``centroids`` [K, d] float32)
 and ``flashhead.json`` (format version, sizes, default probe count, always-scored ids, build
-parameters and timings, and a fingerprint of the head it was built from). Loading refuses assets
-whose fingerprint or shapes do not match the model they are applied to.
+parameters and timings, a fingerprint of the head it was built from, and a checksum). Loading refuses
+assets whose fingerprint or shapes do not match the model they are applied to, and assets changed
+after they were written: the checksum covers the tensor file's bytes and every field of
+``flashhead.json`` that changes results (all but the informational ``model`` and ``build``).
 
 Geometry. The error of scoring token ``w`` through its centroid ``c`` is ``h.(w - c)``; its mean
 square over the hidden states a model produces is ``(w - c)^T S (w - c)`` with ``S = E[h h^T]``.
@@ -18,19 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ._io import atomic_dir
+from ._io import WouldOverwriteError, atomic_dir, sha256_file
 from .cluster import balanced_kmeans
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "index.safetensors"
 CONFIG_FILE = "flashhead.json"
+#: fields of IndexConfig that only inform (edits to them are allowed); all others are checksummed
+INFORMATIONAL_FIELDS = ("model", "build")
 
 
 class AssetError(ValueError):
@@ -68,6 +73,13 @@ class IndexConfig:
     format_version: int = FORMAT_VERSION
 
 
+def checksum(config: IndexConfig, tensors_sha256: str) -> str:
+    """``sha256:...`` of the config fields that change results and of the tensor file's sha256."""
+    fields = {k: v for k, v in asdict(config).items() if k not in INFORMATIONAL_FIELDS}
+    fields["tensors_sha256"] = tensors_sha256
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class FlashHeadIndex:
     """Cluster layout of a head: which token sits in which slot, and each cluster's centroid."""
@@ -87,10 +99,11 @@ class FlashHeadIndex:
     def check_weight(self, weight: torch.Tensor) -> None:
         """Refuse a head this index was not built from, saying which model it belongs to."""
         c = self.config
-        if weight.dim() != 2 or tuple(weight.shape) != (c.vocab_size, c.hidden_size):
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (c.vocab_size, c.hidden_size):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise AssetError(
                 f"these FlashHead assets were built for a head of shape ({c.vocab_size}, {c.hidden_size})"
-                f"{f' ({c.model})' if c.model else ''}, but this model's head is {tuple(weight.shape)}; "
+                f"{f' ({c.model})' if c.model else ''}, but this model's head is {got}; "
                 "build an index for this model with `flashhead build`"
             )
         if fingerprint(weight) != c.fingerprint:
@@ -100,12 +113,17 @@ class FlashHeadIndex:
             )
 
     def save(self, folder: str | Path) -> Path:
-        """Write the assets into ``folder`` atomically (the old assets stay until the new ones are whole)."""
+        """Write the assets into ``folder`` atomically (the old assets stay until the new ones are whole).
+
+        ``folder`` must be new, empty or hold FlashHead assets only: the whole folder is replaced.
+        """
         folder = Path(folder)
+        check_save_target(folder)
         with atomic_dir(folder) as tmp:
             save_file({"slot_token": self.slot_token.contiguous(), "centroids": self.centroids.contiguous()},
                       str(tmp / TENSORS_FILE), metadata={"format": f"flashhead-{FORMAT_VERSION}"})  # one key: header order stays fixed
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            raw = {**asdict(self.config), "checksum": checksum(self.config, sha256_file(tmp / TENSORS_FILE))}
+            (tmp / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
         return folder
 
     @classmethod
@@ -115,8 +133,25 @@ class FlashHeadIndex:
 
         index = load_assets(Path(folder))
         if weight is not None:
-            index.check_weight(weight)
+            try:
+                index.check_weight(weight)
+            except AssetError as e:
+                raise AssetError(f"{folder}: {e}") from None
         return index
+
+
+def check_save_target(folder: Path) -> None:
+    """Refuse a ``folder`` that :meth:`FlashHeadIndex.save` must not replace: a file, or a folder holding
+    anything but FlashHead assets (saving replaces the whole folder). Call it before a long build."""
+    if folder.exists() and not folder.is_dir():
+        raise WouldOverwriteError(f"{folder} is a file, not a folder; save the FlashHead assets to a new folder")
+    if not folder.is_dir():
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.name not in (TENSORS_FILE, CONFIG_FILE))
+    if others:
+        raise WouldOverwriteError(
+            f"{folder} holds files that are not FlashHead assets ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); saving replaces the whole folder, so choose a new or empty one")
 
 
 def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
@@ -124,17 +159,38 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
     return ((vecs * vals.clamp_min(0).sqrt()) @ vecs.T).float()
 
 
-def build_index(weight: torch.Tensor, cluster_size: int = 16, *, hidden_states: torch.Tensor | None = None,
+#: the default setting is calibrated at build time (see :func:`build_index`): the smallest probe count
+#: whose top-1 containment on the calibration states reaches DEFAULT_CONTAINMENT (the agreement aimed
+#: at on unseen text; Gemma-3-270M needs p = 559 for it on Pride and Prejudice but only 473 on
+#: Persuasion and 210 on Emma, so in-sample is not optimistic here), within DEFAULT_BYTES_BUDGET of the
+#: dense head's bytes per step (int8 stage 1, fp32 rows), plus the DEFAULT_FREQUENT tokens most often
+#: the dense argmax on the calibration states as always-scored ids
+DEFAULT_CONTAINMENT = 0.999
+DEFAULT_BYTES_BUDGET = 0.10
+DEFAULT_FREQUENT = 64
+
+
+def default_cluster_size(num_tokens: int) -> int:
+    """16 tokens per cluster, 8 below 131,072 tokens: at the same bytes per step, SmolLM2 (49k tokens)
+    keeps the dense argmax more often with 8 (docs/fidelity.md), Gemma (262k) meets its target with 16
+    and would pay twice the stage-1 work with 8."""
+    return 8 if num_tokens < 131072 else 16
+
+
+def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden_states: torch.Tensor | None = None,
                 num_tokens: int | None = None, n_probes: int | None = None, always_ids: list[int] | tuple = (),
-                iters: int = 10, seed: int = 0, model_name: str = "", calibration: dict | None = None,
-                progress: bool = True) -> FlashHeadIndex:
+                frequent: int = DEFAULT_FREQUENT, iters: int = 10, seed: int = 0, model_name: str = "",
+                calibration: dict | None = None, progress: bool = True) -> FlashHeadIndex:
     """Cluster the rows of a head ``weight`` [V, d] into K equal clusters of ``cluster_size`` tokens.
 
     ``num_tokens`` (default V) rows are clustered; rows past it (embedding padding beyond the
     tokenizer) are left out and never returned. When ``num_tokens`` is not a multiple of
-    ``cluster_size``, K = ceil(num_tokens / cluster_size) and the K*cap - num_tokens empty slots
-    (fewer than cap) are marked -1. ``hidden_states`` [n, d] selects the S^(1/2) geometry (see the
-    module docstring); ``n_probes`` defaults to the probe count measured as the default setting.
+    ``cluster_size`` (default :func:`default_cluster_size`), K = ceil(num_tokens / cluster_size) and
+    the K*cap - num_tokens empty slots (fewer than cap) are marked -1. ``hidden_states`` [n, d]
+    select the S^(1/2) geometry (see the module docstring) and calibrate the default setting: the
+    ``frequent`` tokens most often the dense argmax join ``always_ids``, and ``n_probes`` (unless
+    given) is the smallest probe count reaching DEFAULT_CONTAINMENT on them within
+    DEFAULT_BYTES_BUDGET. Without hidden states ``n_probes`` defaults to K/32.
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"head weight must be a 2-D float tensor [vocab, hidden], got {tuple(weight.shape)} {weight.dtype}")
@@ -142,6 +198,10 @@ def build_index(weight: torch.Tensor, cluster_size: int = 16, *, hidden_states: 
     num_tokens = vocab if num_tokens is None else int(num_tokens)
     if not 0 < num_tokens <= vocab:
         raise ValueError(f"num_tokens must be in 1..{vocab} (the head's rows), got {num_tokens}")
+    if cluster_size is None:
+        cluster_size = default_cluster_size(num_tokens)
+    if isinstance(frequent, bool) or not isinstance(frequent, int) or frequent < 0:
+        raise ValueError(f"frequent must be an integer >= 0 (always-scored frequent argmax tokens), got {frequent!r}")
     if not isinstance(cluster_size, int) or cluster_size < 2 or cluster_size > num_tokens // 2:
         raise ValueError(f"cluster_size must be an integer from 2 to {num_tokens // 2} (half the tokens) so that "
                          f"there are at least two clusters; got {cluster_size!r} (16 is the usual choice)")
@@ -149,6 +209,9 @@ def build_index(weight: torch.Tensor, cluster_size: int = 16, *, hidden_states: 
     if bad:
         raise ValueError(f"always_ids {bad} are not token ids (0..{num_tokens - 1})")
     k = math.ceil(num_tokens / cluster_size)
+    if n_probes is not None and (isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral)
+                                 or not 1 <= n_probes <= k):
+        raise ValueError(f"n_probes must be an integer from 1 to K = {k} (the number of clusters), got {n_probes!r}")
     t0 = time.perf_counter()
     w = weight.detach()[:num_tokens].float()
     if hidden_states is not None:
@@ -168,17 +231,49 @@ def build_index(weight: torch.Tensor, cluster_size: int = 16, *, hidden_states: 
     filled = slots.clamp_min(0)
     mask = (slots >= 0).unsqueeze(-1).float()
     centroids = (w[filled] * mask).sum(1) / mask.sum(1)
-    if n_probes is None:
+    always = {int(i) for i in always_ids}
+    defaults: dict = {"rule": "K/32 (no calibration states)"}
+    if hidden_states is not None:
+        always, p_cal, defaults = _calibrate_defaults(w, centroids, slots, h, always, frequent, vocab)
+        n_probes = p_cal if n_probes is None else n_probes
+    elif n_probes is None:
         n_probes = default_probes(k)
     config = IndexConfig(
         vocab_size=vocab, num_tokens=num_tokens, hidden_size=hidden, num_clusters=k, cluster_size=cluster_size,
-        n_probes=int(n_probes), always_ids=sorted({int(i) for i in always_ids}), fingerprint=fingerprint(weight),
+        n_probes=int(n_probes), always_ids=sorted(always), fingerprint=fingerprint(weight),
         model=model_name,
         build={"seed": seed, "iters": iters, "geometry": geometry, "calibration": calibration or None,
                "objective": result.objective, "objective_history": result.history,
-               "seconds_map": round(t_map, 3), "seconds_cluster": round(t_cluster, 3)},
+               "seconds_map": round(t_map, 3), "seconds_cluster": round(t_cluster, 3), "defaults": defaults},
     )
     return FlashHeadIndex(slots, centroids.contiguous(), config)
+
+
+def _calibrate_defaults(w: torch.Tensor, centroids: torch.Tensor, slots: torch.Tensor, h: torch.Tensor,
+                        always: set[int], frequent: int, vocab: int) -> tuple[set[int], int, dict]:
+    """Always-scored ids and default probe count from the dense argmax on calibration states."""
+    k, cap = slots.shape
+    d = w.shape[1]
+    top = torch.cat([(h[a:a + 256] @ w.T).argmax(1) for a in range(0, h.shape[0], 256)])
+    counts = torch.bincount(top, minlength=w.shape[0])
+    common = [int(i) for i in counts.argsort(descending=True, stable=True)[:frequent] if counts[i] > 0]
+    always = always | set(common)
+    cluster_of = torch.empty(w.shape[0], dtype=torch.long)
+    cluster_of[slots[slots >= 0]] = torch.arange(k).unsqueeze(1).expand_as(slots)[slots >= 0]
+    scores = h @ centroids.T  # [n, K]
+    own = scores.gather(1, cluster_of[top].unsqueeze(1))
+    rank = (scores > own).sum(1)  # probes needed to contain the argmax: rank + 1
+    rank[torch.isin(top, torch.tensor(sorted(always), dtype=torch.long))] = 0  # scored at every step anyway
+    need = int(rank.sort().values[math.ceil(DEFAULT_CONTAINMENT * len(rank)) - 1]) + 1
+    # bytes per step / dense fp32 bytes: int8 stage 1 (K*(d + 4)) + fp32 rows and int64 ids of the candidates
+    room = DEFAULT_BYTES_BUDGET * vocab * d * 4 - k * (d + 4)
+    p_max = max(1, min(k, int((room / (4 * d + 8) - len(always)) // cap)))
+    p = min(need, p_max)
+    return always, p, {
+        "rule": f"smallest p with containment >= {DEFAULT_CONTAINMENT} on the calibration states, "
+                f"at most {DEFAULT_BYTES_BUDGET:.0%} of the dense head's bytes",
+        "frequent_argmax_ids": common, "probes_needed": need, "probes_max_in_budget": p_max,
+        "calibration_containment_at_default": float((rank < p).float().mean())}
 
 
 def default_probes(num_clusters: int) -> int:

@@ -109,3 +109,32 @@ def test_vllm_layout_keys_shapes_dtypes(tmp_path):
     back = vllm.import_assets(model_dir, w)
     assert torch.equal(back.slot_token, torch.sort(index.slot_token, dim=1).values)
     assert torch.equal(back.centroids, index.centroids)
+
+
+def test_default_setting_is_calibrated_on_the_calibration_states():
+    """The frequent dense argmax tokens are always scored, and the default probe count is the smallest
+    that contains the argmax on >= 99.9 % of the calibration states (checked here with the head itself)."""
+    from flashhead.head import FlashHead
+    from flashhead.index import DEFAULT_CONTAINMENT
+
+    w, h = _head(1200, 24), _states(2000, 24)
+    index = build_index(w, 8, hidden_states=h, frequent=5, progress=False)
+    top = (h @ w.T).argmax(1)
+    common = torch.bincount(top, minlength=1200).argsort(descending=True, stable=True)[:5]
+    assert set(common.tolist()) <= set(index.config.always_ids)
+    defaults = index.config.build["defaults"]
+    slot = index.slot_token
+    rows = w[slot.clamp_min(0)] * (slot >= 0).unsqueeze(-1)
+
+    def containment(p):
+        head = FlashHead(rows, slot, index.centroids, out_features=1200, n_probes=p, always_ids=index.config.always_ids)
+        ids, _ = head.candidates(h, head.select_clusters(h))
+        return float((ids == top.unsqueeze(1)).any(1).float().mean())
+
+    p = index.config.n_probes
+    assert p == min(defaults["probes_needed"], defaults["probes_max_in_budget"])
+    if p == defaults["probes_needed"]:
+        assert containment(p) >= DEFAULT_CONTAINMENT
+    if p > 1:
+        assert containment(p - 1) < DEFAULT_CONTAINMENT or p == defaults["probes_max_in_budget"]
+    assert containment(p) == pytest.approx(defaults["calibration_containment_at_default"])

@@ -125,7 +125,7 @@ def test_seeded_sampling_is_reproducible(patched):
 
 @pytest.mark.parametrize("stage1", ["int8", "int4"])
 def test_quantized_stage1_ranks_best_cluster_first(patched, smol_states, stage1):
-    """docs/fidelity.md claims: int8 ranks float's best cluster first >= 97% of the time on real SmolLM2
+    """docs/fidelity.md claims: int8 ranks float's best cluster first >= 95% of the time on real SmolLM2
     hidden states (Emma), int4 >= 50%; and float's best cluster stays in int8's top 8 always."""
     _, _, head = patched
 
@@ -138,7 +138,7 @@ def test_quantized_stage1_ranks_best_cluster_first(patched, smol_states, stage1)
     agree = (scores.argmax(1) == best).float().mean().item()
     within8 = (scores.topk(8, dim=1).indices == best.unsqueeze(1)).any(1).float().mean().item()
     print(f"{stage1}: top-1 agreement {agree:.4f}, float's best in top 8: {within8:.4f}")
-    assert agree >= {"int8": 0.97, "int4": 0.50}[stage1]
+    assert agree >= {"int8": 0.95, "int4": 0.50}[stage1]
     assert within8 >= {"int8": 0.999, "int4": 0.95}[stage1]
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
 from pathlib import Path
 
 import torch
 
 from ..head import FlashHead
-from ..index import FlashHeadIndex, build_index
+from ..index import FlashHeadIndex, build_index, check_save_target
 from ..models import head_weight
 
 ASSETS_SUBDIR = "flashhead"  # where save_pretrained puts the assets, next to the weights
@@ -50,6 +51,7 @@ def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None
     folder = Path(folder) if folder is not None else default_index_dir(model_ref)
     if folder.is_dir():
         return FlashHeadIndex.load(folder, weight=head_weight(model))
+    check_save_target(folder)  # a file there: say so now, not after the build
     if progress:
         print(f"no FlashHead index at {folder}: building it once", flush=True)
     index = build_for_model(model, tokenizer, model_name=model_ref, progress=progress, **build_kwargs)
@@ -97,7 +99,7 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
-def build_for_model(model, tokenizer, *, cluster_size: int = 16, calibration_text: str | None = DEFAULT_CALIBRATION_TEXT,
+def build_for_model(model, tokenizer, *, cluster_size: int | None = None, calibration_text: str | None = DEFAULT_CALIBRATION_TEXT,
                     calibration_positions: int = 4096, seed: int = 0, iters: int = 10, n_probes: int | None = None,
                     model_name: str = "", progress: bool = True) -> FlashHeadIndex:
     """Build a FlashHead index for a transformers causal LM.
@@ -132,6 +134,9 @@ def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: 
     ``stage1`` picks the centroid precision (``"int8"`` default, ``"int4"``, ``"float"``); stage 2
     always runs in the model dtype, so the logits of the candidates are exact.
     """
+    if not isinstance(index, FlashHeadIndex):
+        raise TypeError(f"index must be a FlashHeadIndex, got {type(index).__name__}; "
+                        "load one with FlashHeadIndex.load(folder) or build one with build_for_model")
     if getattr(model, "_flashhead", None) is not None:
         raise ValueError("this model already uses FlashHead; call flashhead.remove(model) first")
     if getattr(model.config, "final_logit_softcapping", None):
@@ -151,8 +156,8 @@ def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: 
     storage.index_copy_(0, slot_of, weight.detach())
     rows = storage[: k * cap].view(k, cap, c.hidden_size)
     head = FlashHead(rows, index.slot_token, index.centroids, out_features=c.vocab_size,
-                     n_probes=n_probes or c.n_probes, always_ids=torch.tensor(c.always_ids, dtype=torch.long),
-                     stage1=stage1)
+                     n_probes=c.n_probes if n_probes is None else n_probes,
+                     always_ids=torch.tensor(c.always_ids, dtype=torch.long), stage1=stage1)
     original = model.get_output_embeddings()
     state = {"head": head, "index": index, "original": original, "tied": tied, "slot_of": slot_of,
              "storage": storage, "hook": None}
@@ -209,6 +214,9 @@ def _generate(model, *args, **kwargs):
     config = kwargs.get("generation_config") or model.generation_config
     do_sample = kwargs.get("do_sample", config.do_sample)
     temperature = kwargs.get("temperature", config.temperature)
+    top_p = kwargs.get("top_p", config.top_p)
+    if do_sample and top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1.0 or None = no nucleus cut), got {top_p!r}")
     head.temperature = float(temperature if temperature is not None else 1.0) if do_sample else None
     try:
         return type(model).generate(model, *args, **kwargs)
