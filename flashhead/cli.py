@@ -93,13 +93,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=None):
     import time
 
+    from .index import check_save_target
     from .integrations.transformers import build_for_model
 
+    check_save_target(out)  # before the long part, not after it
     if model is None:
         model, tok = _models.load_model(model_ref)
     t0 = time.perf_counter()
     calibration = None if args.calibration == "none" else args.calibration
-    print(f"building the FlashHead index of {model_ref}: cluster size {args.cluster_size}, seed {args.seed}, "
+    print(f"building the FlashHead index of {model_ref}: cluster size {args.cluster_size or 'auto'}, seed {args.seed}, "
           f"calibration {calibration or 'none (spherical)'}", flush=True)
     index = build_for_model(model, tok, cluster_size=args.cluster_size, calibration_text=calibration,
                             calibration_positions=args.positions, seed=args.seed, iters=args.iters,
@@ -113,6 +115,8 @@ def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=
           f"max {int(sizes.max())}; {c.num_clusters * c.cluster_size - c.num_tokens} empty slots; "
           f"every one of the {c.num_tokens} tokens placed once: "
           f"{torch.unique(index.slot_token[index.slot_token >= 0]).numel() == c.num_tokens}")
+    d = c.build["defaults"]
+    print(f"default setting: n_probes {c.n_probes} ({d['rule']}), {len(c.always_ids)} always-scored ids")
     print(f"built in {c.build['seconds_total']:.1f} s; assets written to {out}")
     return index
 
@@ -193,7 +197,7 @@ def _int_list(text: str) -> list[int]:
 def _add_build_args(s: argparse.ArgumentParser) -> None:
     from .data import text_names
 
-    s.add_argument("--cluster-size", type=int, default=16, help="tokens per cluster (default 16)")
+    s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 8 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
     s.add_argument("--iters", type=int, default=10, help="clustering iterations (default 10)")
     s.add_argument("--calibration", default="prideprejudice", choices=[*text_names(), "none"], metavar="TEXT",
@@ -258,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace FlashHead assets/keys already in the folder")
     s.set_defaults(func=_cmd_export_vllm)
 
+    s = sub.add_parser("bench", help="speed of FlashHead vs the dense head and peer indexes: head level, whole "
+                                     "model, bandwidth floor, memory; table, JSON and plot")
+    from . import bench
+
+    bench.configure_parser(s)
+
     s = sub.add_parser("demo", help="dense vs FlashHead on a few prompts: continuations, identical tokens, tokens/s "
                                     "(the README's main command)")
     s.add_argument("--model", default=_models.DEFAULT_MODEL, help=f"{model_help} (default {_models.DEFAULT_MODEL})")
@@ -271,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:  # our errors carry the fix in the message
+    except (ValueError, RuntimeError, OSError) as e:  # our errors carry the fix in the message
         print(f"flashhead {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written is left behind
+        print(f"flashhead {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
