@@ -504,14 +504,15 @@ class FlashHead(torch.nn.Module):
     def select_clusters(self, h: torch.Tensor, n_probes: int | None = None) -> torch.Tensor:
         """Stage 1: ``[N, p]`` ids of the top-p clusters by centroid score, best first."""
         h = self._check_hidden(h, two_d=True)
-        return self._select(h, self._check_probes(n_probes))[0]
+        return self._select(h, self._check_probes(n_probes), ordered=True)[0]
 
-    def _select(self, h: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(top-p clusters best first [N, p], stage-1 scores [N, K] or None when p = K)."""
+    def _select(self, h: torch.Tensor, p: int, ordered: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(top-p clusters [N, p], best first if ``ordered`` (the sampling tail needs the order;
+        greedy does not, and an unsorted top-k is cheaper), stage-1 scores [N, K] or None when p = K)."""
         if p == self.K:  # every cluster: no ranking needed
             return torch.arange(self.K, device=h.device).expand(h.shape[0], self.K), None
         scores = self._scores(h)
-        return torch.topk(scores, p, dim=1, sorted=True).indices, scores
+        return torch.topk(scores, p, dim=1, sorted=ordered).indices, scores
 
     # ---------------------------------------------------------------- sampling tail
     def tail_log_mass(self, h: torch.Tensor, temperature: float, n_probes: int | None = None
@@ -525,7 +526,7 @@ class FlashHead(torch.nn.Module):
         """
         h = self._check_hidden(h, two_d=True)
         t = self._check_temperature(temperature)
-        clusters, scores = self._select(h, self._check_probes(n_probes))
+        clusters, scores = self._select(h, self._check_probes(n_probes), ordered=True)
         if scores is None:
             return clusters, None
         _, logits = self._cluster_logits(h, clusters)
@@ -651,7 +652,7 @@ class FlashHead(torch.nn.Module):
         softmax at that temperature is FlashHead's sampling distribution.
         """
         h = self._check_hidden(hidden, two_d=False)
-        clusters, scores = self._select(h, self._n_probes)
+        clusters, scores = self._select(h, self._n_probes, ordered=self._temperature is not None)
         ids, logits = self._candidates(h, clusters)
         if self._temperature is not None:
             ids, logits = self._with_tail(h, ids, logits, clusters, scores, self._temperature, self.generator)
@@ -667,7 +668,7 @@ class FlashHead(torch.nn.Module):
         Ties resolve to the smallest token id, as ``torch.argmax`` does over dense logits.
         """
         h = self._check_hidden(h, two_d=True)
-        ids, logits = self._candidates(h, self._select(h, self._n_probes)[0])
+        ids, logits = self._candidates(h, self._select(h, self._n_probes, ordered=False)[0])
         best = logits.amax(1, keepdim=True)
         return torch.where(logits == best, ids, _INT64_MAX).amin(1)
 
@@ -691,7 +692,7 @@ class FlashHead(torch.nn.Module):
             if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < float(top_p) <= 1.0):
                 raise ValueError(f"top_p must be in (0, 1] or None (None or 1.0 = no nucleus cut), got {top_p!r}")
             top_p = float(top_p)
-        clusters, scores = self._select(h, self._n_probes)
+        clusters, scores = self._select(h, self._n_probes, ordered=True)
         ids, logits = self._candidates(h, clusters)
         ids, logits = self._with_tail(h, ids, logits, clusters, scores, t, generator)
         z = logits.div_(t)
