@@ -11,7 +11,8 @@ Two reports:
 * ``stage2``: stage 2 alone on real hidden states and the real index, cold LLC (a 64 MiB buffer is
   rewritten before every call), interleaved: the whole-gather loop (one ``index_select`` of all
   of a row's clusters + one GEMV, the previous implementation), chunked gathers into a reused
-  buffer of 1/2/4 MiB, and the chunked loop forced onto one intra-op thread.
+  buffer of 1/2/4 MiB, the chunked loop forced onto one intra-op thread, and the compiled fused
+  gather + GEMV kernel (``flashhead/_kernels.py``) that the head uses for fp32 rows.
 
 Run:  ``.venv/bin/python benchmarks/head_profile.py insitu gemma3-270m --batch 1 --threads 2 [--parts]``
       ``.venv/bin/python benchmarks/head_profile.py stage2 gemma3-270m --batches 1 8 64 --threads 1``
@@ -26,6 +27,7 @@ import time
 import torch
 
 import flashhead
+from flashhead import _kernels
 from flashhead.decode import generate
 from flashhead.integrations.transformers import apply, calibration_states, index_for, remove
 from flashhead.models import load_model
@@ -102,7 +104,7 @@ def _wrap_parts(fh, timers) -> None:
     def forward(hidden):
         t0 = time.perf_counter()
         h = fh._check_hidden(hidden, two_d=False)
-        clusters = fh._select(h, fh.n_probes, fh.temperature, fh.generator)
+        clusters = fh._select(h, fh.n_probes, ordered=False)[0]  # greedy decode (no sampling tail)
         ids, logits = fh._candidates(h, clusters)
         t1 = time.perf_counter()
         out = torch.full((h.shape[0], fh.out_features), H._NEG_INF, dtype=torch.float32, device=h.device)
@@ -149,11 +151,13 @@ def stage2(model, tok, index, batches, rounds: int) -> None:
 
     fns = {"whole gather": whole, "1 MiB chunks": chunked(1 << 20), "2 MiB chunks": chunked(2 << 20),
            "4 MiB chunks": chunked(4 << 20), "1 MiB chunks, 1 thread": chunked(1 << 20, True)}
+    if _kernels.build():
+        fns["fused kernel"] = lambda h, cl: _kernels.gather_gemv(rows, cl, h)
     names = list(fns)
     with torch.inference_mode():
         for B in batches:
             pool = [states[i:i + B] for i in range(0, len(states) - B + 1, B)]
-            cls = [fh._select(h, p, None, None) for h in pool]
+            cls = [fh._select(h, p, ordered=False)[0] for h in pool]
             for n in names:
                 fns[n](pool[0], cls[0])
             ts: dict[str, list[float]] = {n: [] for n in names}

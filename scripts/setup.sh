@@ -40,4 +40,7 @@ fi
 
 step "texts and converted models in the cache"
 .venv/bin/flashhead fetch || fail "could not prepare the texts or models (see the message above)"
+step "stage-2 kernel (compiled once per machine into the cache; without it FlashHead uses its torch path)"
+.venv/bin/python -c "import sys; from flashhead._kernels import build; sys.exit(0 if build() else 1)" \
+  || echo "  no compiled kernel (needs g++): FlashHead will use its slower torch path"
 step "set-up done: .venv/bin/flashhead --help"

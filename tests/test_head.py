@@ -581,3 +581,24 @@ def test_prop_no_padding_tokens(sh):
     for tok in (s.head.greedy(h), s.head.sample(h, temperature=4.0, generator=g),
                 s.head.sample(h, temperature=0.5, top_k=2, generator=g)):
         assert tok.min() >= 0 and tok.max() < s.V
+
+
+def test_compiled_stage2_kernel_matches_the_torch_path(monkeypatch):
+    """The fused gather + GEMV kernel gives the torch path's logits (float rounding aside) and the same
+    greedy tokens; bf16 rows never take it."""
+    from flashhead import _kernels
+
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    s = make(40, 16, 64, n_empty=5, integer=False, n_probes=7, always=[2, 9])
+    h = hidden(9, 64, integer=False)
+    clusters = s.head.select_clusters(h)
+    assert _kernels.gather_gemv(s.head.rows, clusters, h) is not None
+    assert _kernels.gather_gemv(s.head.rows.to(torch.bfloat16), clusters, h) is None
+    ids_k, logits_k = s.head.candidates(h, clusters)
+    greedy_k = s.head.greedy(h)
+    monkeypatch.setattr(_kernels, "gather_gemv", lambda *a: None)
+    ids_t, logits_t = s.head.candidates(h, clusters)
+    assert torch.equal(ids_k, ids_t)
+    assert torch.allclose(logits_k, logits_t, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy_k, s.head.greedy(h))
