@@ -735,3 +735,18 @@ def test_cli_unknown_model_in_a_fresh_process(tmp_path):
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=0.0), "temperature must be a finite float > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite float > 0"),
+    (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_k=0), "top_k must be an int >= 1"),
+])
+def test_decode_generate_checks_sampling_arguments_before_the_model_runs(kwargs, match):
+    """Rows 'temperature <= 0 or NaN' and 'top-p outside (0, 1]' for the dense path too (`generate --dense`):
+    transformers would silently ignore some of these; the check happens before the model is touched."""
+    from flashhead.decode import generate
+
+    with pytest.raises(ValueError, match=match):
+        generate(None, None, ["hi"], **kwargs)
