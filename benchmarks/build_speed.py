@@ -27,9 +27,8 @@ def _child(model_ref: str, threads: int) -> dict:
 
     from flashhead.bench import materialize, reset_peak, rss_kb
     from flashhead.data import load_text
-    from flashhead.index import build_index
-    from flashhead.integrations.transformers import (DEFAULT_CALIBRATION_TEXT, calibration_states, eos_ids)
-    from flashhead.models import head_weight, load_model
+    from flashhead.integrations.transformers import DEFAULT_CALIBRATION_TEXT, build_for_model, calibration_states
+    from flashhead.models import load_model
 
     torch.set_num_threads(threads)
     model, tok = load_model(model_ref, verbose=False)
@@ -40,9 +39,7 @@ def _child(model_ref: str, threads: int) -> dict:
     t0 = time.perf_counter()
     states = calibration_states(model, tok, load_text(DEFAULT_CALIBRATION_TEXT))
     t1 = time.perf_counter()
-    weight = head_weight(model)
-    index = build_index(weight, hidden_states=states, num_tokens=min(len(tok), weight.shape[0]),
-                        always_ids=eos_ids(model, tok), model_name=model_ref, progress=True)
+    index = build_for_model(model, tok, hidden_states=states, model_name=model_ref, progress=True)
     t2 = time.perf_counter()
     r = rss_kb()
     cfg = index.config

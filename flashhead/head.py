@@ -102,8 +102,8 @@ Stage 2, exact logits of ``p * cap`` gathered rows per query, cold LLC::
 Batched ``bmm`` with a vector right-hand side is slow on CPU (fp32 above all) and the
 all-rows gather spills the cache for large N, so each row gathers its own clusters with
 ``index_select`` and does one GEMV; this also makes a row's logits independent of the batch.
-The tables above use p=32.  At the shipped default probe counts (K/32: p=512 for Gemma, 21 MB
-of fp32 rows per query) gathering all of a row's clusters at once is costly: the gather writes
+The tables above use p=32.  At realistic probe counts (hundreds: p=512 for Gemma is 21 MB of
+fp32 rows per query) gathering all of a row's clusters at once is costly: the gather writes
 the 21 MB into freshly allocated pages and the GEMV reads them back from memory.  So the rows are
 gathered chunk by chunk (~1 MiB, i.e. 25 Gemma clusters) into one reused per-thread buffer that
 stays in L2, each chunk followed by a GEMV straight into the logits (``out=``), and this loop

@@ -101,18 +101,21 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 def build_for_model(model, tokenizer, *, cluster_size: int | None = None, calibration_text: str | None = DEFAULT_CALIBRATION_TEXT,
                     calibration_positions: int = 4096, seed: int = 0, iters: int = 10, n_probes: int | None = None,
-                    model_name: str = "", progress: bool = True) -> FlashHeadIndex:
+                    model_name: str = "", progress: bool = True,
+                    hidden_states: torch.Tensor | None = None) -> FlashHeadIndex:
     """Build a FlashHead index for a transformers causal LM.
 
     Calibration hidden states come from ``calibration_text`` (a built-in text name, or None for the
     spherical geometry without calibration); a built-in text works offline for any model.
+    ``hidden_states``: the calibration states of ``calibration_text``, when already computed.
     """
     from ..data import load_text
 
     weight = head_weight(model)
     states, calibration = None, None
     if calibration_text is not None:
-        states = calibration_states(model, tokenizer, load_text(calibration_text), calibration_positions)
+        states = hidden_states if hidden_states is not None else calibration_states(
+            model, tokenizer, load_text(calibration_text), calibration_positions)
         calibration = {"text": calibration_text, "positions": int(states.shape[0]), "window": 256}
     return build_index(weight, cluster_size, hidden_states=states, num_tokens=min(len(tokenizer), weight.shape[0]),
                        n_probes=n_probes, always_ids=eos_ids(model, tokenizer), iters=iters, seed=seed,
