@@ -4,7 +4,8 @@
 
 Each model is built in its own subprocess: load the model (weights copied into anonymous memory),
 reset the peak-RSS counter (Linux ``/proc/self/clear_refs``), then time the two parts of a build:
-calibration hidden states (forward passes over Pride and Prejudice) and clustering (S^(1/2) map +
+calibration hidden states (forward passes over 4,096 positions of Pride and Prejudice and 2,048 of Sense
+and Sensibility) and clustering (S^(1/2) map +
 balanced k-means + centroids + calibrating the default setting), at the default cluster size. Peak memory is VmHWM minus the RSS after loading, i.e. what the
 build adds on top of the loaded model. Targets (clustering issue): SmolLM2 <= 20 s,
 Gemma <= 120 s wall on 2 cores, <= 4 GB above the loaded model. The build writes nothing to disk.
@@ -26,8 +27,7 @@ def _child(model_ref: str, threads: int) -> dict:
     import torch
 
     from flashhead.bench import materialize, reset_peak, rss_kb
-    from flashhead.data import load_text
-    from flashhead.integrations.transformers import DEFAULT_CALIBRATION_TEXT, build_for_model, calibration_states
+    from flashhead.integrations.transformers import build_for_model, calibration_sets
     from flashhead.models import load_model
 
     torch.set_num_threads(threads)
@@ -37,14 +37,14 @@ def _child(model_ref: str, threads: int) -> dict:
     if not reset_peak():
         raise SystemExit("cannot reset the peak-RSS counter (needs Linux /proc/self/clear_refs)")
     t0 = time.perf_counter()
-    states = calibration_states(model, tok, load_text(DEFAULT_CALIBRATION_TEXT))
+    states = calibration_sets(model, tok)
     t1 = time.perf_counter()
     index = build_for_model(model, tok, hidden_states=states, model_name=model_ref, progress=True)
     t2 = time.perf_counter()
     r = rss_kb()
     cfg = index.config
     return {"model": model_ref, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "clusters": cfg.num_clusters,
-            "cluster_size": cfg.cluster_size, "threads": threads, "calibration_positions": int(states.shape[0]),
+            "cluster_size": cfg.cluster_size, "threads": threads, "calibration_positions": sum(int(x.shape[0]) for x in states),
             "seconds_calibration": t1 - t0, "seconds_clustering": t2 - t1, "seconds_total": t2 - t0,
             "objective": cfg.build["objective"], "rss_loaded_mb": loaded / 1024,
             "peak_extra_mb": (r["VmHWM"] - loaded) / 1024}

@@ -4,7 +4,7 @@
 thread count and one dtype for everything:
 
 * **head level** -- one decode step's head, hidden state -> token id, at batch 1/4/16/64: FlashHead
-  (stage 1 int8/int4/float at the index's default probe count, int8 at other probe counts, and the
+  (stage 1 int8/int4/float at the index's default probe count, the default stage 1 at other probe counts, and the
   full-width ``forward`` + argmax that ``generate()`` calls), the dense head in fp32, bf16, int8
   weight-only and int8 dynamic-activation (last position only, argmax, no softmax or sort), and two
   peers on the same row budget: HNSW over the head rows (hnswlib, inner product, ``ef`` tuned so that
@@ -52,17 +52,17 @@ __all__ = [
 ]
 
 SCHEMA = "flashhead-bench/1"
-HELD_OUT_TEXT = "persuasion"  # never used to build an index (those are calibrated on prideprejudice)
+HELD_OUT_TEXT = "persuasion"  # never used to build an index (those are calibrated on prideprejudice and sensesensibility)
 
 # targets of the speed issue, per built-in model: (key, description, threshold)
 TARGETS = {
     "gemma3-270m": [
-        ("head_b1", "head level, batch 1, FlashHead int8 vs dense fp32", 10.0),
+        ("head_b1", "head level, batch 1, FlashHead (default setting) vs dense fp32", 10.0),
         ("model_b1", "whole model, batch 1, tokens/s FlashHead / dense", 1.8),
         ("model_b8", "whole model, batch 8, tokens/s FlashHead / dense", 2.0),
     ],
     "smollm2-135m": [
-        ("head_b1", "head level, batch 1, FlashHead int8 vs dense fp32", 5.0),
+        ("head_b1", "head level, batch 1, FlashHead (default setting) vs dense fp32", 5.0),
         ("amdahl_b1", "whole model, batch 1, speed-up / Amdahl bound", 0.9),
     ],
 }
@@ -75,13 +75,13 @@ class Settings:
     repeats: int = 15  # timed rounds per head configuration and batch
     warmup: int = 2
     states: int = 2048  # real hidden states in the pool
-    probe_factors: tuple[float, ...] = (0.25, 0.5, 2.0, 4.0)  # extra int8 probe counts, x default
+    probe_factors: tuple[float, ...] = (0.25, 0.5, 2.0, 4.0)  # extra probe counts (default stage 1), x default
     stage1_modes: tuple[str, ...] = ("int8", "int4", "float")
     model_batches: tuple[int, ...] = (1, 8)
     prompt_tokens: int = 32
     new_tokens: int = 128
     model_repeats: int = 5
-    model_flash_modes: tuple[str, ...] = ("int8",)
+    model_flash_modes: tuple[str, ...] = ()  # stage-1 modes at model level; () = the index's default
     hnsw_m: int = 16
     hnsw_spaces: tuple[str, ...] = ("ip", "l2")  # "l2" = on MIPS-augmented rows (the standard reduction)
     hnsw_ef_construction: int = 100
@@ -687,7 +687,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
     index = index_for(model_ref, model, tok, progress=not quiet)
     cfg = index.config
     K, cap, d, V = cfg.num_clusters, cfg.cluster_size, cfg.hidden_size, cfg.vocab_size
-    p0 = cfg.n_probes
+    p0, s0 = cfg.n_probes, cfg.stage1
     weight = head_weight(model).detach()  # token order; kept alive for the dense baselines
     text = load_text(HELD_OUT_TEXT)
     _log(f"{st.states} real hidden states from '{HELD_OUT_TEXT}'", quiet)
@@ -696,7 +696,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
         ref = torch.cat([F.linear(states[i:i + 128], weight).argmax(-1) for i in range(0, len(states), 128)])
     n_always = len(cfg.always_ids)
     budget = K + p0 * cap + n_always  # rows FlashHead scores per query at its default
-    report["index"] = {"K": K, "cap": cap, "d": d, "V": V, "num_tokens": cfg.num_tokens, "n_probes": p0,
+    report["index"] = {"K": K, "cap": cap, "d": d, "V": V, "num_tokens": cfg.num_tokens, "n_probes": p0, "stage1": s0,
                        "always_ids": n_always, "rows_per_query": budget, "rows_share": budget / V,
                        "build_seconds": cfg.build.get("seconds_total") or
                        (cfg.build.get("seconds_map", 0) + cfg.build.get("seconds_cluster", 0))}
@@ -707,7 +707,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
         for name, (fn, nbytes, info) in dense_heads(weight).items():
             configs.append(_Cfg(name, "dense", fn, nbytes, 0, V, info))
 
-        head = apply(model, index, stage1="int8")  # rows in the real (model-owned) cluster layout
+        head = apply(model, index)  # rows in the real (model-owned) cluster layout
         heads: dict[str, FlashHead] = {}
 
         def make(stage1: str, p: int) -> FlashHead:
@@ -717,8 +717,8 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
         variants = [(s, p0) for s in st.stage1_modes]
         for f in st.probe_factors:
             p = max(1, min(K, int(round(p0 * f))))
-            if ("int8", p) not in variants:
-                variants.append(("int8", p))
+            if (s0, p) not in variants:
+                variants.append((s0, p))
         for s, p in variants:
             fh = make(s, p)
             name = f"flashhead-{s}" + ("" if p == p0 else f"-p{p}")
@@ -727,15 +727,15 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
             per_q = n_rows * (d * fh.rows.element_size() + 8)
             configs.append(_Cfg(name, "flashhead", fh.greedy, fh.nbytes_per_step(p) - per_q, per_q, K + n_rows,
                                 {"stage1": s, "n_probes": p}))
-        fh0 = heads["flashhead-int8"]
+        fh0 = heads[f"flashhead-{s0}"]
         n_rows0 = p0 * cap + n_always
         per_q0 = n_rows0 * (d * fh0.rows.element_size() + 8)
 
         def fwd_argmax(h, fh=fh0):
             return fh(h).argmax(-1)
 
-        configs.append(_Cfg("flashhead-int8-forward", "flashhead", fwd_argmax, fh0.nbytes_per_step() - per_q0,
-                            per_q0 + V * 4, K + n_rows0, {"stage1": "int8", "n_probes": p0,
+        configs.append(_Cfg(f"flashhead-{s0}-forward", "flashhead", fwd_argmax, fh0.nbytes_per_step() - per_q0,
+                            per_q0 + V * 4, K + n_rows0, {"stage1": s0, "n_probes": p0,
                                                           "path": "forward (full-width -inf logits) + argmax"}))
 
     # ---- peers
@@ -848,7 +848,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
     if st.memory:
         mem_cfgs = ["dense-fp32", "dense-bf16"] + [f"flashhead-{s}" for s in st.stage1_modes] + ["hnsw", "ivf"]
         if st.quick:
-            mem_cfgs = ["dense-fp32", "flashhead-int8"]
+            mem_cfgs = ["dense-fp32", f"flashhead-{s0}"]
         _log(f"peak memory: one fresh process per configuration ({', '.join(mem_cfgs)})", quiet)
         report["memory"] = measure_memory(model_ref, mem_cfgs, st.threads, peer_meta)
         section("memory")
@@ -866,7 +866,7 @@ def model_level(model_ref: str, dense_model, tok, index, text: str, st: Settings
 
     prompts = _prompts(tok, text, max(st.model_batches), st.prompt_tokens, start=len(text) // 2)
     models = {"dense-fp32": dense_model}
-    for s in st.model_flash_modes:
+    for s in st.model_flash_modes or (index.config.stage1,):
         m, _ = load_model(model_ref, verbose=False)
         apply(m, index, stage1=s)
         models[f"flashhead-{s}"] = m
@@ -938,17 +938,18 @@ def model_level(model_ref: str, dense_model, tok, index, text: str, st: Settings
 
 def evaluate_targets(report: dict) -> list[dict]:
     out = []
+    main = f"flashhead-{report['index']['stage1']}"  # the default setting
     for key, desc, thr in TARGETS.get(report["model"], []):
         val = None
         if key == "head_b1":
             val = next((r["speedup_vs_dense_fp32"] for r in report["head"]
-                        if r["name"] == "flashhead-int8" and r["batch"] == 1), None)
+                        if r["name"] == main and r["batch"] == 1), None)
         elif key.startswith("model_b"):
             b = int(key[7:])
             val = next((r["speedup_vs_dense"] for r in report["model_level"]["rows"]
-                        if r["name"] == "flashhead-int8" and r["batch"] == b), None)
+                        if r["name"] == main and r["batch"] == b), None)
         elif key == "amdahl_b1":
-            r = next((r for r in report["model_level"]["rows"] if r["name"] == "flashhead-int8" and r["batch"] == 1), None)
+            r = next((r for r in report["model_level"]["rows"] if r["name"] == main and r["batch"] == 1), None)
             val = None if r is None else r["speedup_vs_dense"] / r["amdahl_bound"]
         if val is not None:
             out.append({"target": key, "description": desc, "threshold": thr, "measured": val, "met": val >= thr})

@@ -53,7 +53,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.dense:
         index = index_for(args.model, model, tok, args.index, progress=not args.json)
         apply(model, index, n_probes=args.probes, stage1=args.stage1)
-        head = f"flashhead (p={args.probes or index.config.n_probes}, stage 1 {args.stage1})"
+        head = f"flashhead (p={args.probes or index.config.n_probes}, stage 1 {args.stage1 or index.config.stage1})"
     gen = generate(model, tok, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.json:
@@ -100,10 +100,10 @@ def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=
     if model is None:
         model, tok = _models.load_model(model_ref)
     t0 = time.perf_counter()
-    calibration = None if args.calibration == "none" else args.calibration
+    calibration = None if args.calibration == ["none"] else args.calibration
     print(f"building the FlashHead index of {model_ref}: cluster size {args.cluster_size or 'auto'}, seed {args.seed}, "
-          f"calibration {calibration or 'none (spherical)'}", flush=True)
-    index = build_for_model(model, tok, cluster_size=args.cluster_size, calibration_text=calibration,
+          f"calibration {' + '.join(calibration) if calibration else 'none (spherical)'}", flush=True)
+    index = build_for_model(model, tok, cluster_size=args.cluster_size, calibration_texts=calibration,
                             calibration_positions=args.positions, seed=args.seed, iters=args.iters,
                             model_name=model_ref)
     index.config.build["seconds_total"] = round(time.perf_counter() - t0, 3)
@@ -116,7 +116,8 @@ def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=
           f"every one of the {c.num_tokens} tokens placed once: "
           f"{torch.unique(index.slot_token[index.slot_token >= 0]).numel() == c.num_tokens}")
     d = c.build["defaults"]
-    print(f"default setting: n_probes {c.n_probes} ({d['rule']}), {len(c.always_ids)} always-scored ids")
+    print(f"default setting: n_probes {c.n_probes}, stage 1 {c.stage1} ({d['rule']}), "
+          f"{len(c.always_ids)} always-scored ids")
     print(f"built in {c.build['seconds_total']:.1f} s; assets written to {out}")
     return index
 
@@ -194,16 +195,31 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _add_build_args(s: argparse.ArgumentParser) -> None:
+def _text_list(text: str) -> list[str]:
     from .data import text_names
 
-    s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 8 below 131,072 tokens, else 16)")
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if names == ["none"]:
+        return names
+    bad = [n for n in names if n not in text_names()]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown text {', '.join(bad) or repr(text)}; choose from "
+                                         f"{', '.join(text_names())} (comma-separated), or 'none'")
+    return names
+
+
+def _add_build_args(s: argparse.ArgumentParser) -> None:
+    from .data import DEFAULT_CALIBRATION_TEXTS
+
+    s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 4 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
     s.add_argument("--iters", type=int, default=10, help="clustering iterations (default 10)")
-    s.add_argument("--calibration", default="prideprejudice", choices=[*text_names(), "none"], metavar="TEXT",
-                   help="built-in text (e.g. prideprejudice, brown, brown:news) whose hidden states set the clustering geometry, or 'none' for "
-                        "spherical clustering of raw rows (default prideprejudice)")
-    s.add_argument("--positions", type=int, default=4096, help="calibration positions (default 4096)")
+    s.add_argument("--calibration", type=_text_list, default=list(DEFAULT_CALIBRATION_TEXTS), metavar="TEXTS",
+                   help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news) whose hidden states set "
+                        "the clustering geometry and calibrate the default probe count, or 'none' for spherical "
+                        f"clustering of raw rows (default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
+    s.add_argument("--positions", type=int, default=4096, help="calibration positions, split evenly over the texts "
+                                                               "(default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
     s.add_argument("--probes", type=int, help="probed clusters per step (default: the index's)")
-    s.add_argument("--stage1", default="int8", choices=["int8", "int4", "float"], help="centroid precision (default int8)")
+    s.add_argument("--stage1", choices=["int8", "int4", "float"], help="centroid precision (default: the index's)")
     s.add_argument("--dense", action="store_true", help="use the dense head (the reference)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_generate)
@@ -248,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default="persuasion", help="built-in text (default persuasion, held out from tuning)")
     s.add_argument("--probes", type=_int_list, help="comma-separated probe counts (default: around the index's default)")
     s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
-    s.add_argument("--stage1", default="int8", choices=["int8", "int4", "float"], help="centroid precision (default int8)")
+    s.add_argument("--stage1", choices=["int8", "int4", "float"], help="centroid precision (default: the index's)")
     s.add_argument("--positions", type=int, default=4096, help="teacher-forced positions (default 4096)")
     s.add_argument("--prompts", type=int, default=100, help="greedy continuations (default 100)")
     s.add_argument("--new-tokens", type=int, default=64, help="tokens per continuation (default 64)")

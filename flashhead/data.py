@@ -25,6 +25,9 @@ from ._io import atomic_dir, atomic_write_bytes, cache_dir
 AUSTEN_BOOKS = ("prideprejudice", "sensesensibility", "emma", "persuasion", "mansfieldpark", "northangerabbey")
 TUNING_TEXTS = ("prideprejudice", "sensesensibility", "brown")
 HELD_OUT_TEXTS = ("emma", "persuasion", "mansfieldpark", "northangerabbey")
+#: the texts every index is calibrated on by default: the first sets the clustering geometry, and the
+#: default probe count must reach its target on each (see flashhead.index)
+DEFAULT_CALIBRATION_TEXTS = ("prideprejudice", "sensesensibility")
 # Brown corpus genres: file names are c<letter><nn>.
 BROWN_CATEGORIES = {
     "news": "a", "editorial": "b", "reviews": "c", "religion": "d", "hobbies": "e", "lore": "f",

@@ -102,9 +102,10 @@ def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[int], *, stage1: str = "int8",
+def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[int], *, stage1: str | None = None,
              config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
-    """Fidelity and cost of FlashHead at each probe count on ``text``, against the dense head."""
+    """Fidelity and cost of FlashHead at each probe count on ``text``, against the dense head
+    (``stage1`` default: the index's)."""
     from tqdm.auto import tqdm
 
     if any(not 1 <= p <= index.num_clusters for p in probes):
@@ -144,7 +145,7 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
                 dense_top, torch.tensor(index.config.always_ids, dtype=torch.long))
             rows = index.num_clusters + p * index.cluster_size + len(index.config.always_ids)
             row = {
-                "n_probes": p, "stage1": stage1, "rows_per_step": rows, "rows_fraction": rows / dense.shape[1],
+                "n_probes": p, "stage1": head.stage1, "rows_per_step": rows, "rows_fraction": rows / dense.shape[1],
                 "bytes_per_step": head.nbytes_per_step(p), "bytes_fraction": head.nbytes_per_step(p) / weight_bytes,
                 "containment": float(contained.float().mean()),
                 "containment_vllm_rule": float(in_vllm.float().mean()),
@@ -164,6 +165,7 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
     return {"positions": int(states.shape[0]), "prompts": config.prompts, "new_tokens": config.new_tokens,
             "tv_positions": config.tv_positions, "num_clusters": index.num_clusters,
             "cluster_size": index.cluster_size, "default_n_probes": index.config.n_probes,
+            "default_stage1": index.config.stage1,
             "dense": {"next_token_accuracy": dense_acc, "bytes_per_step": weight_bytes}, "settings": results}
 
 

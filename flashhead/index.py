@@ -22,6 +22,7 @@ import json
 import math
 import numbers
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from safetensors.torch import save_file
 
 from ._io import WouldOverwriteError, atomic_dir, sha256_file
 from .cluster import balanced_kmeans
+from .head import STAGE1_MODES, stage1_nbytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds ``stage1`` (the stage-1 precision the default setting is calibrated for)
 TENSORS_FILE = "index.safetensors"
 CONFIG_FILE = "flashhead.json"
 #: fields of IndexConfig that only inform (edits to them are allowed); all others are checksummed
@@ -70,6 +72,7 @@ class IndexConfig:
     n_probes: int  # default probe count
     always_ids: list[int]  # token ids scored at every step (EOS, ...)
     fingerprint: str  # of the head weights the index was built from
+    stage1: str = "int8"  # default stage-1 precision (n_probes is calibrated for its bytes)
     model: str = ""  # human-readable name of that model, for error messages
     build: dict = field(default_factory=dict)  # parameters, calibration, objective, timings
     format_version: int = FORMAT_VERSION
@@ -162,25 +165,45 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
 
 
 #: the default setting is calibrated at build time (see :func:`build_index`): the smallest probe count
-#: whose top-1 containment on the calibration states reaches DEFAULT_CONTAINMENT (the agreement aimed
-#: at on unseen text; Gemma-3-270M needs p = 559 for it on Pride and Prejudice but only 473 on
-#: Persuasion and 210 on Emma, so in-sample is not optimistic here), within DEFAULT_BYTES_BUDGET of the
-#: dense head's bytes per step (int8 stage 1, fp32 rows), plus the DEFAULT_FREQUENT tokens most often
-#: the dense argmax on the calibration states as always-scored ids
+#: whose top-1 containment reaches DEFAULT_CONTAINMENT (the agreement aimed at on unseen text) on the
+#: calibration states of each calibration text, within DEFAULT_BYTES_BUDGET of the dense head's bytes
+#: per step (the default stage 1, fp32 rows), plus the DEFAULT_FREQUENT tokens most often the dense
+#: argmax on the first text's states as always-scored ids. Per text, because one text can mislead:
+#: SmolLM2 needs p = 391 on Pride and Prejudice (the text that also sets the geometry), 832 on Sense
+#: and Sensibility, 519-1109 on the held-out novels; Gemma 559 and 520 (docs/fidelity.md)
 DEFAULT_CONTAINMENT = 0.999
 DEFAULT_BYTES_BUDGET = 0.10
 DEFAULT_FREQUENT = 64
+#: vocabularies below this size get small clusters and int4 stage 1 (see :func:`default_cluster_size`)
+SMALL_VOCAB = 131072
 
 
 def default_cluster_size(num_tokens: int) -> int:
-    """16 tokens per cluster, 8 below 131,072 tokens: at the same bytes per step, SmolLM2 (49k tokens)
-    keeps the dense argmax more often with 8 (docs/fidelity.md), Gemma (262k) meets its target with 16
-    and would pay twice the stage-1 work with 8."""
-    return 8 if num_tokens < 131072 else 16
+    """4 tokens per cluster below 131,072 tokens, else 16.
+
+    At a fixed byte budget, smaller clusters rank the dense argmax's cluster better (SmolLM2, 10% of the
+    dense bytes: clusters of 4 keep it on 99.73-99.88% of held-out positions with int8 stage 1, 8 on
+    99.61-99.88%, 16 on 99.5-99.7%; docs/fidelity.md). Their cost is stage-1 work: K = V/4 centroids.
+    For Gemma (262k tokens) that would be 65,536 centroids to score and rank per step, and clusters
+    of 16 already meet the target there.
+    """
+    return 4 if num_tokens < SMALL_VOCAB else 16
+
+
+def default_stage1(num_tokens: int) -> str:
+    """int4 (per group of 64) below 131,072 tokens, else int8.
+
+    With clusters of 4, int8 centroids alone take 6.25% of a 10% byte budget; int4 halves that and
+    ranks as well as float, leaving room for ~75% more probes (SmolLM2). torch's int4 kernel is a
+    per-row GEMV, twice as slow as int8's ``_int_mm`` at batch 8 on Gemma's 16,384 centroids, so large
+    vocabularies keep int8.
+    """
+    return "int4" if num_tokens < SMALL_VOCAB else "int8"
 
 
 def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden_states: torch.Tensor | None = None,
-                num_tokens: int | None = None, n_probes: int | None = None, always_ids: list[int] | tuple = (),
+                validation_states: Sequence[torch.Tensor] = (), num_tokens: int | None = None,
+                n_probes: int | None = None, stage1: str | None = None, always_ids: list[int] | tuple = (),
                 frequent: int = DEFAULT_FREQUENT, iters: int = 10, seed: int = 0, model_name: str = "",
                 calibration: dict | None = None, progress: bool = True) -> FlashHeadIndex:
     """Cluster the rows of a head ``weight`` [V, d] into K equal clusters of ``cluster_size`` tokens.
@@ -191,8 +214,10 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     the K*cap - num_tokens empty slots (fewer than cap) are marked -1. ``hidden_states`` [n, d]
     select the S^(1/2) geometry (see the module docstring) and calibrate the default setting: the
     ``frequent`` tokens most often the dense argmax join ``always_ids``, and ``n_probes`` (unless
-    given) is the smallest probe count reaching DEFAULT_CONTAINMENT on them within
-    DEFAULT_BYTES_BUDGET. Without hidden states ``n_probes`` defaults to K/32.
+    given) is the smallest probe count reaching DEFAULT_CONTAINMENT on them and on each of the
+    ``validation_states`` (hidden states of other texts, [n_i, d]), within DEFAULT_BYTES_BUDGET with
+    stage 1 in ``stage1`` precision (default :func:`default_stage1`). Without hidden states
+    ``n_probes`` defaults to K/32.
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"head weight must be a 2-D float tensor [vocab, hidden], got {tuple(weight.shape)} {weight.dtype}")
@@ -202,6 +227,10 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
         raise ValueError(f"num_tokens must be in 1..{vocab} (the head's rows), got {num_tokens}")
     if cluster_size is None:
         cluster_size = default_cluster_size(num_tokens)
+    if stage1 is None:
+        stage1 = default_stage1(num_tokens)
+    if stage1 not in STAGE1_MODES:
+        raise ValueError(f"stage1 must be one of {STAGE1_MODES} (the default stage-1 precision), got {stage1!r}")
     if isinstance(frequent, bool) or not isinstance(frequent, int) or frequent < 0:
         raise ValueError(f"frequent must be an integer >= 0 (always-scored frequent argmax tokens), got {frequent!r}")
     if not isinstance(cluster_size, int) or cluster_size < 2 or cluster_size > num_tokens // 2:
@@ -218,8 +247,10 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     w = weight.detach()[:num_tokens].float()
     if hidden_states is not None:
         h = hidden_states.detach().float()
-        if h.dim() != 2 or h.shape[1] != hidden or not torch.isfinite(h).all():
-            raise ValueError(f"hidden_states must be finite [n, {hidden}], got {tuple(h.shape)}")
+        checks = [("hidden_states", h)] + [(f"validation_states[{i}]", v) for i, v in enumerate(validation_states)]
+        for what, x in checks:
+            if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != hidden or not torch.isfinite(x).all():
+                raise ValueError(f"{what} must be finite [n, {hidden}] hidden states, got {tuple(x.shape)}")
         x = w @ _sqrt_psd(h.T @ h / h.shape[0])
         geometry = "S^(1/2) w, S = E[h h^T] over calibration hidden states"
     else:
@@ -236,13 +267,14 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     always = {int(i) for i in always_ids}
     defaults: dict = {"rule": "K/32 (no calibration states)"}
     if hidden_states is not None:
-        always, p_cal, defaults = _calibrate_defaults(w, centroids, slots, h, always, frequent, vocab)
+        always, p_cal, defaults = _calibrate_defaults(w, centroids, slots, [h, *validation_states], always, frequent,
+                                                      vocab, stage1)
         n_probes = p_cal if n_probes is None else n_probes
     elif n_probes is None:
         n_probes = default_probes(k)
     config = IndexConfig(
         vocab_size=vocab, num_tokens=num_tokens, hidden_size=hidden, num_clusters=k, cluster_size=cluster_size,
-        n_probes=int(n_probes), always_ids=sorted(always), fingerprint=fingerprint(weight),
+        n_probes=int(n_probes), always_ids=sorted(always), fingerprint=fingerprint(weight), stage1=stage1,
         model=model_name,
         build={"seed": seed, "iters": iters, "geometry": geometry, "calibration": calibration or None,
                "objective": result.objective, "objective_history": result.history,
@@ -251,31 +283,37 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     return FlashHeadIndex(slots, centroids.contiguous(), config)
 
 
-def _calibrate_defaults(w: torch.Tensor, centroids: torch.Tensor, slots: torch.Tensor, h: torch.Tensor,
-                        always: set[int], frequent: int, vocab: int) -> tuple[set[int], int, dict]:
-    """Always-scored ids and default probe count from the dense argmax on calibration states."""
+def _calibrate_defaults(w: torch.Tensor, centroids: torch.Tensor, slots: torch.Tensor, sets: list[torch.Tensor],
+                        always: set[int], frequent: int, vocab: int, stage1: str) -> tuple[set[int], int, dict]:
+    """Always-scored ids (from the first set of calibration states) and default probe count (the most
+    any set needs) from the dense argmax."""
     k, cap = slots.shape
     d = w.shape[1]
-    top = torch.cat([(h[a:a + 256] @ w.T).argmax(1) for a in range(0, h.shape[0], 256)])
-    counts = torch.bincount(top, minlength=w.shape[0])
+    tops = [torch.cat([(h[a:a + 256] @ w.T).argmax(1) for a in range(0, h.shape[0], 256)]) for h in sets]
+    counts = torch.bincount(tops[0], minlength=w.shape[0])
     common = [int(i) for i in counts.argsort(descending=True, stable=True)[:frequent] if counts[i] > 0]
     always = always | set(common)
+    always_t = torch.tensor(sorted(always), dtype=torch.long)
     cluster_of = torch.empty(w.shape[0], dtype=torch.long)
     cluster_of[slots[slots >= 0]] = torch.arange(k).unsqueeze(1).expand_as(slots)[slots >= 0]
-    scores = h @ centroids.T  # [n, K]
-    own = scores.gather(1, cluster_of[top].unsqueeze(1))
-    rank = (scores > own).sum(1)  # probes needed to contain the argmax: rank + 1
-    rank[torch.isin(top, torch.tensor(sorted(always), dtype=torch.long))] = 0  # scored at every step anyway
-    need = int(rank.sort().values[math.ceil(DEFAULT_CONTAINMENT * len(rank)) - 1]) + 1
-    # bytes per step / dense fp32 bytes: int8 stage 1 (K*(d + 4)) + fp32 rows and int64 ids of the candidates
-    room = DEFAULT_BYTES_BUDGET * vocab * d * 4 - k * (d + 4)
+    ranks = []
+    for h, top in zip(sets, tops):
+        scores = h @ centroids.T  # [n, K]
+        rank = (scores > scores.gather(1, cluster_of[top].unsqueeze(1))).sum(1)  # probes needed: rank + 1
+        rank[torch.isin(top, always_t)] = 0  # scored at every step anyway
+        ranks.append(rank)
+    needs = [int(r.sort().values[math.ceil(DEFAULT_CONTAINMENT * len(r)) - 1]) + 1 for r in ranks]
+    need = max(needs)
+    # bytes per step / dense fp32 bytes: stage 1 + fp32 rows and int64 ids of the candidates
+    room = DEFAULT_BYTES_BUDGET * vocab * d * 4 - stage1_nbytes(k, d, stage1)
     p_max = max(1, min(k, int((room / (4 * d + 8) - len(always)) // cap)))
     p = min(need, p_max)
     return always, p, {
-        "rule": f"smallest p with containment >= {DEFAULT_CONTAINMENT} on the calibration states, "
-                f"at most {DEFAULT_BYTES_BUDGET:.0%} of the dense head's bytes",
-        "frequent_argmax_ids": common, "probes_needed": need, "probes_max_in_budget": p_max,
-        "calibration_containment_at_default": float((rank < p).float().mean())}
+        "rule": f"smallest p with containment >= {DEFAULT_CONTAINMENT} on each text's calibration states, "
+                f"at most {DEFAULT_BYTES_BUDGET:.0%} of the dense head's bytes with {stage1} stage 1",
+        "frequent_argmax_ids": common, "probes_needed": need, "probes_needed_per_text": needs,
+        "probes_max_in_budget": p_max,
+        "calibration_containment_at_default": [float((r < p).float().mean()) for r in ranks]}
 
 
 def default_probes(num_clusters: int) -> int:

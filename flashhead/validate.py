@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from .head import STAGE1_MODES
 from .index import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, AssetError, FlashHeadIndex, IndexConfig, checksum
 
 _INT_FIELDS = ("vocab_size", "num_tokens", "hidden_size", "num_clusters", "cluster_size", "n_probes", "format_version")
@@ -78,12 +79,15 @@ def _read_config(folder: Path) -> tuple[IndexConfig, str | None]:
         if type(raw[f]) is not int or raw[f] < 1:  # bool is not int here
             raise _fail(folder, f"{CONFIG_FILE}: {f} must be a positive integer, got {raw[f]!r}")
     if raw["format_version"] != FORMAT_VERSION:
-        raise _fail(folder, f"format version {raw['format_version']} is not {FORMAT_VERSION}, the one this flashhead reads")
+        older = " (written by an older flashhead)" if raw["format_version"] < FORMAT_VERSION else ""
+        raise _fail(folder, f"format version {raw['format_version']}{older} is not {FORMAT_VERSION}, the one this flashhead reads")
     ids = raw["always_ids"]
     if not isinstance(ids, list) or any(type(i) is not int or not 0 <= i < raw["num_tokens"] for i in ids):
         raise _fail(folder, f"always_ids must be a list of token ids in 0..{raw['num_tokens'] - 1}")
     if not isinstance(raw["fingerprint"], str):
         raise _fail(folder, "fingerprint must be a string")
+    if raw.get("stage1", "int8") not in STAGE1_MODES:
+        raise _fail(folder, f"stage1 must be one of {', '.join(STAGE1_MODES)}, got {raw['stage1']!r}")
     digest = raw.pop("checksum", None)
     if digest is not None and (not isinstance(digest, str) or not _CHECKSUM.fullmatch(digest)):
         raise _fail(folder, f"checksum must be 'sha256:' and 64 hex digits, got {digest!r}")

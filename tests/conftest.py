@@ -24,7 +24,7 @@ def gemma():
 
 @pytest.fixture(scope="session")
 def smol_index(smollm2):
-    """A real SmolLM2 index with the default build settings (calibrated on Pride and Prejudice)."""
+    """A real SmolLM2 index with the default build settings (calibrated on two Austen novels)."""
     from flashhead.integrations.transformers import build_for_model
 
     model, tok = smollm2

@@ -55,7 +55,7 @@ def test_parser_wires_run_and_defaults():
 
 def test_table_and_plot_written(run_files):
     _, text, tmp = run_files
-    assert "Head level" in text and "Model level" in text and "dense-fp32" in text and "flashhead-int8" in text
+    assert "Head level" in text and "Model level" in text and "dense-fp32" in text and "flashhead-int4" in text
     assert (tmp / "plot.png").stat().st_size > 1000
 
 
@@ -79,8 +79,10 @@ def test_head_level_rows(report):
     rows = report["head"]
     batches = set(report["settings"]["batches"])
     names = {r["name"] for r in rows}
+    s0 = report["index"]["stage1"]  # the index's default stage 1 (int4 for SmolLM2)
+    assert s0 == "int4"
     assert {"dense-fp32", "dense-bf16", "dense-int8wo", "flashhead-int8", "flashhead-int4", "flashhead-float",
-            "flashhead-int8-forward", "hnsw", "ivf-nprobe=p", "ivf-budget"} <= names
+            f"flashhead-{s0}-forward", "hnsw", "ivf-nprobe=p", "ivf-budget"} <= names
     for n in names:
         assert {r["batch"] for r in rows if r["name"] == n} == batches
     for r in rows:
@@ -111,7 +113,7 @@ def test_peers_on_the_row_budget(report):
 
 def test_model_level_rows(report):
     rows = report["model_level"]["rows"]
-    assert {(r["name"], r["batch"]) for r in rows} == {(n, b) for n in ("dense-fp32", "flashhead-int8")
+    assert {(r["name"], r["batch"]) for r in rows} == {(n, b) for n in ("dense-fp32", "flashhead-int4")
                                                      for b in report["settings"]["model_batches"]}
     for r in rows:
         assert _pos(r["tokens_per_second"]) and _pos(r["speedup_vs_dense"]) and _pos(r["decode_tokens_per_second"])
@@ -123,7 +125,7 @@ def test_model_level_rows(report):
 
 def test_memory_and_targets(report):
     mem = {r["config"]: r for r in report["memory"]}
-    assert {"dense-fp32", "flashhead-int8"} <= set(mem)
+    assert {"dense-fp32", "flashhead-int4"} <= set(mem)
     for r in mem.values():
         assert "error" not in r, r
         assert r["rss_peak_mb"] >= r["rss_steady_mb"] > r["rss_before_load_mb"] > 0

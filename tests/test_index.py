@@ -137,4 +137,45 @@ def test_default_setting_is_calibrated_on_the_calibration_states():
         assert containment(p) >= DEFAULT_CONTAINMENT
     if p > 1:
         assert containment(p - 1) < DEFAULT_CONTAINMENT or p == defaults["probes_max_in_budget"]
-    assert containment(p) == pytest.approx(defaults["calibration_containment_at_default"])
+    assert containment(p) == pytest.approx(defaults["calibration_containment_at_default"][0])
+
+
+def test_validation_states_can_only_raise_the_default_probes():
+    """Every calibration text's states must reach the target: the needed p is the largest per-text need,
+    and states that the clustering never saw (another seed's draw) need at least as many probes here."""
+    w, h = _head(1200, 24), _states(2000, 24)
+    alone = build_index(w, 8, hidden_states=h, frequent=5, progress=False)
+    other = _states(2000, 24, seed=5)
+    both = build_index(w, 8, hidden_states=h, validation_states=[other], frequent=5, progress=False)
+    assert torch.equal(alone.slot_token, both.slot_token) and alone.config.always_ids == both.config.always_ids
+    d = both.config.build["defaults"]
+    assert d["probes_needed_per_text"][0] == alone.config.build["defaults"]["probes_needed"]
+    assert d["probes_needed"] == max(d["probes_needed_per_text"]) >= alone.config.build["defaults"]["probes_needed"]
+    assert both.config.n_probes == min(d["probes_needed"], d["probes_max_in_budget"])
+    with pytest.raises(ValueError, match=r"validation_states\[0\] must be finite \[n, 24\]"):
+        build_index(w, 8, hidden_states=h, validation_states=[other[:, :5]], progress=False)
+
+
+def test_default_probes_fill_the_byte_budget_of_the_default_stage1():
+    """Small vocabularies default to int4 stage 1; the probe cap is the largest p whose bytes per step (as the
+    head counts them) stay within DEFAULT_BYTES_BUDGET of the dense fp32 head, for each stage-1 precision."""
+    from flashhead.head import FlashHead
+    from flashhead.index import DEFAULT_BYTES_BUDGET, default_cluster_size, default_stage1
+
+    assert (default_cluster_size(49152), default_stage1(49152)) == (4, "int4")
+    assert (default_cluster_size(262144), default_stage1(262144)) == (16, "int8")
+    w, h = _head(1200, 24), _states(2000, 24)
+    dense_bytes = 1200 * 24 * 4
+    caps = {}
+    for stage1 in (None, "int8"):
+        index = build_index(w, 8, hidden_states=h, frequent=5, stage1=stage1, progress=False)
+        mode = index.config.stage1
+        assert mode == (stage1 or "int4")
+        p_max = index.config.build["defaults"]["probes_max_in_budget"]
+        head = FlashHead(w[index.slot_token].contiguous(), index.slot_token, index.centroids, out_features=1200,
+                         n_probes=1, always_ids=index.config.always_ids, stage1=mode)
+        assert head.nbytes_per_step(p_max) <= DEFAULT_BYTES_BUDGET * dense_bytes < head.nbytes_per_step(p_max + 1)
+        caps[mode] = p_max
+    assert caps["int4"] > caps["int8"]
+    with pytest.raises(ValueError, match="stage1 must be one of"):
+        build_index(w, 8, hidden_states=h, stage1="int2", progress=False)

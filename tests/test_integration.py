@@ -125,8 +125,9 @@ def test_seeded_sampling_is_reproducible(patched):
 
 @pytest.mark.parametrize("stage1", ["int8", "int4"])
 def test_quantized_stage1_ranks_best_cluster_first(patched, smol_states, stage1):
-    """docs/fidelity.md claims: int8 ranks float's best cluster first >= 95% of the time on real SmolLM2
-    hidden states (Emma), int4 >= 50%; and float's best cluster stays in int8's top 8 always."""
+    """docs/fidelity.md claims: on real SmolLM2 hidden states (Emma) and its default index (K = 12,288),
+    int8 and int4 (per group of 64) rank float's best cluster first >= 90% of the time (measured 93% and
+    98%), and float's best cluster stays in their top 8 always."""
     _, _, head = patched
 
     def like(mode):
@@ -138,8 +139,8 @@ def test_quantized_stage1_ranks_best_cluster_first(patched, smol_states, stage1)
     agree = (scores.argmax(1) == best).float().mean().item()
     within8 = (scores.topk(8, dim=1).indices == best.unsqueeze(1)).any(1).float().mean().item()
     print(f"{stage1}: top-1 agreement {agree:.4f}, float's best in top 8: {within8:.4f}")
-    assert agree >= {"int8": 0.95, "int4": 0.50}[stage1]
-    assert within8 >= {"int8": 0.999, "int4": 0.95}[stage1]
+    assert agree >= 0.90
+    assert within8 >= 0.999
 
 
 def test_save_and_load_keep_the_assets(patched, tmp_path):
@@ -152,3 +153,17 @@ def test_save_and_load_keep_the_assets(patched, tmp_path):
     loaded, _ = flashhead.integrations.transformers.from_pretrained(tmp_path / "m")
     assert flashhead_of(loaded) is not None
     assert _same(dense_free, generate(loaded, tok, PROMPTS[:2], max_new_tokens=10))
+
+
+def test_calibration_sets_one_per_text(smollm2):
+    """The default build calibrates on two novels: all positions of the first, half as many of the second."""
+    from flashhead.data import DEFAULT_CALIBRATION_TEXTS
+    from flashhead.integrations.transformers import calibration_sets
+
+    model, tok = smollm2
+    first, second = calibration_sets(model, tok, positions=300)
+    assert len(DEFAULT_CALIBRATION_TEXTS) == 2
+    assert first.shape == (300, model.config.hidden_size) and second.shape == (150, model.config.hidden_size)
+    assert torch.equal(second, calibration_states(model, tok, flashhead.load_text(DEFAULT_CALIBRATION_TEXTS[1]), 150))
+    with pytest.raises(ValueError, match="2 positions"):
+        calibration_sets(model, tok, ["emma"], positions=1)
