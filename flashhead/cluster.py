@@ -501,6 +501,8 @@ def _polish(x, slots, cents, chunk, tau, max_rows, sweeps):
     Returns the number of swaps.
     """
     k, cap = slots.shape
+    if k < 2:  # one cluster: nothing to swap with
+        return 0
     candidates = max(1, 512 // cap)  # swap partners tried per row: candidates * cap
     n = int((slots >= 0).sum())
     real = slots >= 0
