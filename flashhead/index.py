@@ -169,8 +169,9 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
 #: calibration states of each calibration text, within DEFAULT_BYTES_BUDGET of the dense head's bytes
 #: per step (the default stage 1, fp32 rows), plus the DEFAULT_FREQUENT tokens most often the dense
 #: argmax on the first text's states as always-scored ids. Per text, because one text can mislead:
-#: SmolLM2 needs p = 391 on Pride and Prejudice (the text that also sets the geometry), 832 on Sense
-#: and Sensibility, 519-1109 on the held-out novels; Gemma 559 and 520 (docs/fidelity.md)
+#: SmolLM2 needs p = 391 on Pride and Prejudice (the text that also sets the geometry), 2,259 on 2,048
+#: positions of Sense and Sensibility, 468-1,031 on the held-out novels; Gemma 559 and 330
+#: (docs/fidelity.md, "The default setting")
 DEFAULT_CONTAINMENT = 0.999
 DEFAULT_BYTES_BUDGET = 0.10
 DEFAULT_FREQUENT = 64
@@ -182,8 +183,9 @@ def default_cluster_size(num_tokens: int) -> int:
     """4 tokens per cluster below 131,072 tokens, else 16.
 
     At a fixed byte budget, smaller clusters rank the dense argmax's cluster better (SmolLM2, 10% of the
-    dense bytes: clusters of 4 keep it on 99.73-99.88% of held-out positions with int8 stage 1, 8 on
-    99.61-99.88%, 16 on 99.5-99.7%; docs/fidelity.md). Their cost is stage-1 work: K = V/4 centroids.
+    dense bytes, int8 stage 1: clusters of 4 keep it on 99.71-99.88% of held-out positions, 8 on
+    99.61-99.85%, 16 on 99.49-99.73%; ``benchmarks/budget_lab.py``). Their cost is stage-1 work:
+    K = V/4 centroids.
     For Gemma (262k tokens) that would be 65,536 centroids to score and rank per step, and clusters
     of 16 already meet the target there.
     """
