@@ -215,11 +215,12 @@ def _add_build_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
     s.add_argument("--iters", type=int, default=10, help="clustering iterations (default 10)")
     s.add_argument("--calibration", type=_text_list, default=list(DEFAULT_CALIBRATION_TEXTS), metavar="TEXTS",
-                   help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news) whose hidden states set "
-                        "the clustering geometry and calibrate the default probe count, or 'none' for spherical "
-                        f"clustering of raw rows (default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
-    s.add_argument("--positions", type=int, default=4096, help="calibration positions, split evenly over the texts "
-                                                               "(default 4096)")
+                   help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news): the first sets the "
+                        "clustering geometry and the always-scored tokens, and the default probe count must reach "
+                        "its target on each; or 'none' for spherical clustering of raw rows "
+                        f"(default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
+    s.add_argument("--positions", type=int, default=4096, help="calibration positions of the first text, half as many "
+                                                               "of each other one (default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:

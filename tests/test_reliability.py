@@ -753,3 +753,17 @@ def test_decode_generate_checks_sampling_arguments_before_the_model_runs(kwargs,
 
     with pytest.raises(ValueError, match=match):
         generate(None, None, ["hi"], **kwargs)
+
+
+def test_cli_build_calibration_texts_are_checked_at_parse_time(capsys):
+    """`flashhead build --calibration` takes comma-separated built-in texts or 'none', and names the unknown one
+    before any model loads."""
+    from flashhead.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["build", "smollm2-135m"]).calibration == ["prideprejudice", "sensesensibility"]
+    assert parse(["build", "smollm2-135m", "--calibration", "brown, emma"]).calibration == ["brown", "emma"]
+    assert parse(["build", "smollm2-135m", "--calibration", "none"]).calibration == ["none"]
+    with pytest.raises(SystemExit):
+        parse(["build", "smollm2-135m", "--calibration", "emma,foo"])
+    assert "unknown text foo; choose from prideprejudice" in capsys.readouterr().err
