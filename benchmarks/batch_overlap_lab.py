@@ -7,8 +7,8 @@ read each probed cluster once per batch would read only the union. Prints union 
 batches of real hidden states (Persuasion), drawn at random positions and as consecutive positions.
 
 Measured 2026-11-28, Gemma-3-270M default index, B = 8: 0.39 (random) / 0.37 (consecutive) at
-p = 559, 0.33 / 0.33 at p = 1,118. So a deduplicating stage 2 at p = 1,118 would read fewer bytes
-than today's stage 2 at p = 559 (not built).
+p = 559, 0.33 / 0.33 at p = 1,118. Hence the stage-2 kernel (``flashhead/_kernels.py``) visits a
+batch's probes in cluster order, reading each shared cluster from memory once.
 """
 
 from __future__ import annotations
