@@ -654,7 +654,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
 
     from .data import load_text
     from .decode import generate
-    from .head import FlashHead
+    from .head import FlashHead, stage1_nbytes
     from .index import fingerprint
     from .integrations.transformers import apply, calibration_states, flashhead_of, index_for, remove
     from .models import head_weight, load_model
@@ -723,20 +723,18 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False) ->
             fh = make(s, p)
             name = f"flashhead-{s}" + ("" if p == p0 else f"-p{p}")
             heads[name] = fh
-            n_rows = p * cap + n_always
-            per_q = n_rows * (d * fh.rows.element_size() + 8)
-            configs.append(_Cfg(name, "flashhead", fh.greedy, fh.nbytes_per_step(p) - per_q, per_q, K + n_rows,
-                                {"stage1": s, "n_probes": p}))
+            fixed = stage1_nbytes(K, d, s)  # centroids: read once per step, shared by the batch
+            configs.append(_Cfg(name, "flashhead", fh.greedy, fixed, fh.nbytes_per_step(p) - fixed,
+                                K + p * cap + n_always, {"stage1": s, "n_probes": p}))
         fh0 = heads[f"flashhead-{s0}"]
-        n_rows0 = p0 * cap + n_always
-        per_q0 = n_rows0 * (d * fh0.rows.element_size() + 8)
+        fixed0 = stage1_nbytes(K, d, s0)
 
         def fwd_argmax(h, fh=fh0):
             return fh(h).argmax(-1)
 
-        configs.append(_Cfg(f"flashhead-{s0}-forward", "flashhead", fwd_argmax, fh0.nbytes_per_step() - per_q0,
-                            per_q0 + V * 4, K + n_rows0, {"stage1": s0, "n_probes": p0,
-                                                          "path": "forward (full-width -inf logits) + argmax"}))
+        configs.append(_Cfg(f"flashhead-{s0}-forward", "flashhead", fwd_argmax, fixed0,
+                            fh0.nbytes_per_step() - fixed0 + V * 4, K + p0 * cap + n_always,
+                            {"stage1": s0, "n_probes": p0, "path": "forward (full-width -inf logits) + argmax"}))
 
     # ---- peers
     peer_meta = None

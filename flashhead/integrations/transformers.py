@@ -91,13 +91,18 @@ def calibration_states(model, tokenizer, text: str, positions: int = 4096, windo
     return text_states(model, tokenizer, text, positions, window)[0]
 
 
+def _listed(x, single: type) -> list:
+    """``x`` as a list: ``[x]`` when it is one ``single`` item, else its items."""
+    return [x] if isinstance(x, single) else list(x)
+
+
 def calibration_sets(model, tokenizer, texts: str | Sequence[str] = DEFAULT_CALIBRATION_TEXTS,
                      positions: int = 4096) -> list[torch.Tensor]:
     """The calibration hidden states of :func:`build_for_model`, one tensor per built-in text:
     ``positions`` of the first text, half as many of each other one."""
     from ..data import load_text
 
-    names = [texts] if isinstance(texts, str) else list(texts)
+    names = _listed(texts, str)
     if not names or positions < 2:
         raise ValueError(f"need at least one calibration text and 2 positions, got {names} and {positions}")
     return [calibration_states(model, tokenizer, load_text(n), positions if i == 0 else positions // 2)
@@ -130,11 +135,9 @@ def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
     weight = head_weight(model)
     sets, calibration = [], None
     if calibration_texts is not None:
-        names = [calibration_texts] if isinstance(calibration_texts, str) else list(calibration_texts)
-        if hidden_states is None:
-            sets = calibration_sets(model, tokenizer, names, calibration_positions)
-        else:
-            sets = [hidden_states] if isinstance(hidden_states, torch.Tensor) else list(hidden_states)
+        names = _listed(calibration_texts, str)
+        sets = (calibration_sets(model, tokenizer, names, calibration_positions) if hidden_states is None
+                else _listed(hidden_states, torch.Tensor))
         calibration = {"texts": names[: len(sets)], "positions": [int(x.shape[0]) for x in sets], "window": 256}
     return build_index(weight, cluster_size, hidden_states=sets[0] if sets else None, validation_states=sets[1:],
                        num_tokens=min(len(tokenizer), weight.shape[0]),
