@@ -213,7 +213,7 @@ def _add_build_args(s: argparse.ArgumentParser) -> None:
 
     s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 4 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
-    s.add_argument("--iters", type=int, default=10, help="clustering iterations (default 10)")
+    s.add_argument("--iters", type=int, default=10, help="at most this many clustering iterations (default 10; fewer once the objective stops improving)")
     s.add_argument("--calibration", type=_text_list, default=list(DEFAULT_CALIBRATION_TEXTS), metavar="TEXTS",
                    help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news): the first sets the "
                         "clustering geometry and the always-scored tokens, and the default probe count must reach "

@@ -116,6 +116,7 @@ _DEFAULTS = dict(
     max_rounds=3000,  # hard cap on auction rounds (leftovers are placed greedily)
     patience=200,  # ... and stop when the unplaced count has not hit a new low for this long
     chunk=16384,  # rows per block for dense work
+    tol=0.0,  # see balanced_kmeans; 0 here so that the regrouping runs its iterations
 )
 
 
@@ -127,6 +128,7 @@ def balanced_kmeans(
     iters: int = 10,
     seed: int = 0,
     progress: bool = True,
+    tol: float = 1e-3,
 ) -> Clustering:
     """Partition the rows of ``x`` into ``num_clusters`` clusters of exactly ``cluster_size`` slots.
 
@@ -142,6 +144,11 @@ def balanced_kmeans(
             partition (balanced bisection + random centroids, one assignment).
         seed: seeds the ``torch.Generator`` behind every random choice.
         progress: show a tqdm bar over the iterations with the current objective.
+        tol: once two iterations in a row improve the best objective by less than ``tol``
+            (relative), skip to the final fine iterations: with clusters of 2 the partition is
+            settled after one iteration (SmolLM2: 1.3461 after the first, 1.3453 after ten),
+            while clusters of 16 still gain 0.3% per iteration at the tenth (Gemma).  ``0``
+            always runs ``iters`` iterations.
 
     Returns:
         :class:`Clustering`.  Every row index ``0..n-1`` appears exactly once in ``slots``;
@@ -151,7 +158,9 @@ def balanced_kmeans(
     Raises:
         ValueError: bad type, shape, dtype, non-finite values, or sizes that do not fit.
     """
-    return _balanced_kmeans(x, num_clusters, cluster_size, iters=iters, seed=seed, progress=progress)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a number in [0, 1) (relative objective improvement), got {tol!r}")
+    return _balanced_kmeans(x, num_clusters, cluster_size, iters=iters, seed=seed, progress=progress, tol=float(tol))
 
 
 # --------------------------------------------------------------------------- validation
@@ -617,8 +626,11 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
     best_obj, best_owner, best_means = math.inf, owner, cents
     omega = float(opt["relax"])
     bar = tqdm(total=iters, desc="balanced k-means", unit="it", disable=not progress, leave=False)
+    end, flat, fine = max(iters, 1), 0, int(opt["fine_last"])
     try:
-        for it in range(max(iters, 1)):
+        it = -1
+        while it + 1 < end:
+            it += 1
             t0 = time.perf_counter()
             if it > 0 and k > kg:
                 members = _regroup(cents, kg, gen, int(opt["regroup_iters"]))
@@ -627,7 +639,7 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
             group_of_cluster[members[real]] = torch.arange(members.shape[0])[:, None].expand_as(members)[real]
             order, cost, row_group = _group_costs(x, cents, members, group_of_cluster[owner])
             t1 = time.perf_counter()
-            last = 0 < it and it >= iters - int(opt["fine_last"])  # the random start is never fine
+            last = 0 < it and it >= end - fine  # the random start is never fine
             scale = obj if obj is not None else float((cost.min(1).values.double().sum() + xsq_sum) / n)
             scale = max(scale, 1e-30)
             eps, stop = (opt["eps_last"], opt["stop_last"]) if last else (opt["eps_rel"], opt["stop_frac"])
@@ -647,6 +659,10 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
             obj = _objective_fast(xsq_sum, means, capacity, n)
             history.append(obj)
             overshoot = obj >= best_obj
+            flat = flat + 1 if it > 0 and best_obj - obj < opt["tol"] * best_obj else 0
+            if flat >= 2 and not last and end > it + 1 + fine:
+                end = it + 1 + fine  # settled: finish with the fine iterations
+                bar.total = end
             if not overshoot:
                 best_obj, best_owner, best_means = obj, owner, means
             elif opt["guard"]:
