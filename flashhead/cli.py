@@ -118,6 +118,11 @@ def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=
     d = c.build["defaults"]
     print(f"default setting: n_probes {c.n_probes}, stage 1 {c.stage1} ({d['rule']}), "
           f"{len(c.always_ids)} always-scored ids")
+    if "probes_needed" in d:
+        reach = " / ".join(f"{100 * x:.2f}%" for x in d["calibration_containment_at_default"])
+        print(f"calibration texts: the dense argmax is a candidate at {reach} of positions at the default; "
+              f"p = {d['probes_needed']} would reach {100 * d['probes_needed_containment']:.2f}% on each "
+              f"(flashhead eval shows the trade on other text)")
     print(f"built in {c.build['seconds_total']:.1f} s; assets written to {out}")
     return index
 

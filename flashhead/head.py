@@ -76,7 +76,7 @@ vs 1440 / 79 us for fp32.  Hence:
   bf16, and the mean is most of a score (SmolLM2: |h . c| ~ 6.9, |h . (c - m)| ~ 2.4), so removing
   it cuts that rounding ~3x.  SmolLM2, p = 777, containment averaged over the four held-out novels:
   99.84% without the centering, 99.89% with it, 99.92% with float centroids (an index calibrated on
-  a mixed sample); on the default index int4 matches float on every novel (99.80-100%).  Packed by
+  a mixed sample); on the index of clusters of 4 it matches float on every novel (99.80-100%).  Packed by
   ``aten._convert_weight_to_int4pack_for_cpu`` and multiplied by
   ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations (the only fast path of that
   kernel); ``K`` is padded to a multiple of 16 and ``d`` to a multiple of 32 (kernel

@@ -23,15 +23,16 @@ import torch
 
 from ..data import DEFAULT_CALIBRATION_TEXTS
 from ..head import FlashHead
-from ..index import FORMAT_VERSION, FlashHeadIndex, build_index, check_save_target
+from ..index import DEFAULTS_REVISION, FORMAT_VERSION, FlashHeadIndex, build_index, check_save_target
 from ..models import head_weight
 
 ASSETS_SUBDIR = "flashhead"  # where save_pretrained puts the assets, next to the weights
 
 
 def default_index_dir(model_ref: str) -> Path:
-    """Where a model's index lives unless told otherwise: the cache, one folder per model and asset
-    format version (a new format builds anew instead of failing on an old cached index)."""
+    """Where a model's index lives unless told otherwise: the cache, one folder per model, asset format
+    version and revision of the build defaults (a new format builds anew instead of failing on an old
+    cached index, and new defaults build anew instead of reusing an index built with the old ones)."""
     from .._io import cache_dir
     from ..models import BUILTIN_MODELS
 
@@ -40,7 +41,7 @@ def default_index_dir(model_ref: str) -> Path:
     else:
         path = Path(model_ref).expanduser().resolve()
         slug = f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-    return cache_dir() / f"indexes-v{FORMAT_VERSION}" / slug
+    return cache_dir() / f"indexes-v{FORMAT_VERSION}-d{DEFAULTS_REVISION}" / slug
 
 
 def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None, *, progress: bool = True,
