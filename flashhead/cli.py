@@ -216,13 +216,13 @@ def _text_list(text: str) -> list[str]:
 def _add_build_args(s: argparse.ArgumentParser) -> None:
     from .data import DEFAULT_CALIBRATION_TEXTS
 
-    s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 4 below 131,072 tokens, else 16)")
+    s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 2 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
     s.add_argument("--iters", type=int, default=10, help="at most this many clustering iterations (default 10; fewer once the objective stops improving)")
     s.add_argument("--calibration", type=_text_list, default=list(DEFAULT_CALIBRATION_TEXTS), metavar="TEXTS",
                    help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news): the first sets the "
-                        "clustering geometry and the always-scored tokens, and the default probe count must reach "
-                        "its target on each; or 'none' for spherical clustering of raw rows "
+                        "clustering geometry and the always-scored tokens, and the build reports the probes each "
+                        "needs; or 'none' for spherical clustering of raw rows "
                         f"(default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
     s.add_argument("--positions", type=int, default=4096, help="calibration positions of the first text, half as many "
                                                                "of each other one (default 4096)")

@@ -26,7 +26,7 @@ AUSTEN_BOOKS = ("prideprejudice", "sensesensibility", "emma", "persuasion", "man
 TUNING_TEXTS = ("prideprejudice", "sensesensibility", "brown")
 HELD_OUT_TEXTS = ("emma", "persuasion", "mansfieldpark", "northangerabbey")
 #: the texts every index is calibrated on by default: the first sets the clustering geometry, and the
-#: default probe count must reach its target on each (see flashhead.index)
+#: build records the probes each needs for the containment target (see flashhead.index)
 DEFAULT_CALIBRATION_TEXTS = ("prideprejudice", "sensesensibility")
 # Brown corpus genres: file names are c<letter><nn>.
 BROWN_CATEGORIES = {

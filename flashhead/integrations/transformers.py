@@ -129,8 +129,8 @@ def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
 
     Calibration hidden states come from ``calibration_texts`` (built-in text names, see
     :func:`calibration_sets`; None for the spherical geometry without calibration): the first text's
-    set the clustering geometry and the always-scored frequent tokens; the default probe count must
-    reach the containment target on every text's. The built-in texts work offline for any model.
+    set the clustering geometry and the always-scored frequent tokens; the build records the probes
+    each text's states need for the containment target. The built-in texts work offline for any model.
     ``hidden_states``: those sets (or the first one), when already computed.
     """
     weight = head_weight(model)
