@@ -602,3 +602,24 @@ def test_compiled_stage2_kernel_matches_the_torch_path(monkeypatch):
     assert torch.equal(ids_k, ids_t)
     assert torch.allclose(logits_k, logits_t, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy_k, s.head.greedy(h))
+
+
+def test_compiled_stage2_kernel_gives_the_same_bits_on_any_number_of_threads():
+    """The kernel splits the (cluster, probe) pairs over torch's intra-op threads; every logit is the same
+    dot product in the same order, so 1 and 2 threads give bit-identical logits."""
+    from flashhead import _kernels
+
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    s = make(40, 16, 64, n_empty=5, integer=False, n_probes=7, always=[2, 9])
+    h = hidden(9, 64, integer=False)
+    clusters = s.head.select_clusters(h)  # 63 pairs: two runs of 32 on two threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _kernels.gather_gemv(s.head.rows, clusters, h)
+        torch.set_num_threads(2)
+        two = _kernels.gather_gemv(s.head.rows, clusters, h)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
