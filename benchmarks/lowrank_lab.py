@@ -7,21 +7,20 @@ bytes of a step. The centroid scores ``h . c`` (c minus the centroids' mean, whi
 scored exactly) are approximated at rank r with the smallest mean square error over the model's
 hidden states: with ``S = E[h h^T]`` (calibration states), ``X = S^(1/2) C^T`` and ``P`` its top-r
 left singular vectors, ``h . c ~= (P^T S^(-1/2) h) . (P^T S^(1/2) c)``. Stage 1 then reads an r-wide
-int4 matrix (asymmetric, groups of 64, bf16 scale and zero: the library's int4) plus the d x r
-projection in bf16, and the saved bytes buy probes. For each rank the lab prints the largest probe
-count in the budget and the top-1 containment of the dense argmax on the four held-out novels
-(scores simulated in float from the dequantized int4 values, activations rounded to bf16 as the
-kernel does). States are cached under --cache.
+int4 matrix (the library's int4 stage 1, ``FlashHead(stage1="int4")``) plus the d x r projection in
+bf16, and the saved bytes buy probes. For each rank the lab prints the largest probe
+count in the budget and the top-1 containment of the dense argmax on the four held-out novels.
+States are cached under --cache.
 
 Measured 2026-11-30 on dev-cpu, SmolLM2, clusters of 4, default calibration, all 10 k-means iterations
 (the run predates ``balanced_kmeans(tol=...)``, so a rerun builds a slightly different index)
 (containment %, [p needed for 99.9%], Emma / Persuasion / Mansfield Park / Northanger Abbey; 4 min):
   int4 full rank (library)  3.52%, p = 777: 99.93 [698] / 99.93 [712] / 100.00 [477] / 99.80 [1011]
-  float full rank (for the ranks only):               [806] /       [760] /        [489] /       [1025]
-  rotated, rank 576 int4    4.10%, p = 705: 99.85 [808] / 99.80 [832] / 99.88 [732] / 99.61 [1207]
-  rank 384 int4             2.74%, p = 873: 99.85 [1076] / 99.76 [1151] / 99.93 [791] / 99.78 [1282]
-  rank 256 int4             1.82%, p = 984: 99.80 [1659] / 99.71 [1826] / 99.85 [1052] / 99.80 [1671]
-  rank 192 int4             1.37%, p = 1040: 99.80 [1993] / 99.68 [2011] / 99.85 [1183] / 99.68 [1617]
+  float full rank (for the ranks only):               [809] /       [761] /        [492] /       [1025]
+  rotated, rank 576 int4    4.10%, p = 705: 99.85 [805] / 99.83 [827] / 99.88 [732] / 99.61 [1206]
+  rank 384 int4             2.74%, p = 873: 99.85 [1062] / 99.76 [1141] / 99.93 [780] / 99.78 [1279]
+  rank 256 int4             1.82%, p = 984: 99.80 [1643] / 99.73 [1823] / 99.85 [1059] / 99.80 [1664]
+  rank 192 int4             1.37%, p = 1040: 99.80 [1982] / 99.68 [2014] / 99.85 [1183] / 99.68 [1598]
 Not kept: the probes it buys do not make up for the ranking it loses (even rank 448 keeps 99.84% of
 the energy), and int4 in the rotated basis ranks worse than in the original one. Smaller clusters
 were the lever that worked (docs/fidelity.md).
@@ -33,23 +32,11 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from flashhead.data import HELD_OUT_TEXTS, load_text
 from flashhead.head import FlashHead, stage1_nbytes
 from flashhead.integrations.transformers import build_for_model, calibration_sets, dense_logits, text_states
 from flashhead.models import head_weight, load_model
-
-
-def int4_dequant(x: torch.Tensor, group: int = 64) -> torch.Tensor:
-    """The library's int4 (asymmetric per group, bf16 scale and zero) round trip of [K, r] rows."""
-    k, r = x.shape
-    g = x.view(k, r // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    s = ((hi - lo) / 15).clamp_min(1e-30).to(torch.bfloat16).float()
-    z = (lo + 8 * s).to(torch.bfloat16).float()
-    q = torch.round((g - z[..., None]) / s[..., None]).add_(8).clamp_(0, 15) - 8
-    return (q * s[..., None] + z[..., None]).view(k, r)
 
 
 def containment(scores: torch.Tensor, target: torch.Tensor, hit: torch.Tensor, p: int) -> float:
@@ -117,12 +104,12 @@ def main() -> int:
         print(f"{a.model}: K = {k}, clusters of {cap}, budget {a.budget:.0%} of {dense / 1e6:.1f} MB; "
               f"default index p = {blob['p']}; containment % on {' / '.join(HELD_OUT_TEXTS)}; "
               "p needed for 99.9% in brackets", flush=True)
-        hb = {n: (h.to(torch.bfloat16).float(), t, torch.isin(t, always)) for n, (h, t) in blob["texts"].items()}
+        texts = {n: (h, t, torch.isin(t, always)) for n, (h, t) in blob["texts"].items()}
 
         def report(label: str, s1_bytes: int, score) -> None:
             p = probes(s1_bytes)
             cells = []
-            for h, t, hit in hb.values():
+            for h, t, hit in texts.values():
                 sc = score(h)
                 cells.append(f"{containment(sc, cluster_of[t], hit, p):.2f} [{needed(sc, cluster_of[t], hit)}]")
             print(f"{label:34s} stage 1 {100 * s1_bytes / dense:5.2f}%  p = {p:4d}:  " + " / ".join(cells), flush=True)
@@ -133,11 +120,12 @@ def main() -> int:
             pr = P[:, :r]
             A = (s_ihalf @ pr).float().to(torch.bfloat16).float()  # [d, r], bf16
             B = (pr.T @ X).float().T.contiguous()  # [K, r]
-            r_pad = (r + 63) // 64 * 64
-            Bq = int4_dequant(F.pad(B, (0, r_pad - r)))[:, :r]
-            s1 = k * (r_pad // 2 + r_pad // 64 * 4) + d * r * 2 + d * 4
+            # the library's int4 stage 1 over the r-wide matrix (its own rounding, bf16 activations)
+            low = FlashHead(torch.zeros(k, 1, r), torch.arange(k).view(k, 1), B, out_features=k, n_probes=1,
+                            stage1="int4")
+            s1 = stage1_nbytes(k, r, "int4") + d * r * 2 + d * 4
             report(f"rank {r} int4 ({100 * energy[r - 1]:.2f}% energy)", s1,
-                   lambda h: (h @ A).to(torch.bfloat16).float() @ Bq.T + (h @ mean).unsqueeze(1))
+                   lambda h: low.stage1_scores(h @ A) + (h @ mean).unsqueeze(1))
     return 0
 
 

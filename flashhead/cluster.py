@@ -628,9 +628,8 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
     bar = tqdm(total=iters, desc="balanced k-means", unit="it", disable=not progress, leave=False)
     end, flat, fine = max(iters, 1), 0, int(opt["fine_last"])
     try:
-        it = -1
-        while it + 1 < end:
-            it += 1
+        it = 0
+        while it < end:  # ``end`` moves closer once the objective has settled
             t0 = time.perf_counter()
             if it > 0 and k > kg:
                 members = _regroup(cents, kg, gen, int(opt["regroup_iters"]))
@@ -678,6 +677,7 @@ def _balanced_kmeans(x, num_clusters, cluster_size, *, iters=10, seed=0, progres
                                   t_auction=t2 - t1, t_rest=time.perf_counter() - t2))
             bar.set_postfix(objective=f"{obj:.5g}", refresh=False)
             bar.update(1)
+            it += 1
     finally:
         bar.close()
     if history:
