@@ -1,28 +1,18 @@
 """A small compiled CPU kernel for stage 2: gather the probed clusters' rows and take their dot
 products with the hidden state in one pass, without copying the rows anywhere.
 
-Why: torch has no fused gather + GEMV; its best sequence (``index_select`` of ~1 MiB chunks into a
-buffer, then ``mv``) reads every row from memory, writes it to the buffer and reads it again.
-Measured on the dev machine (Gemma-3-270M, p = 559, LLC flushed, median of 60 greedy head calls):
-2.25 -> 1.57 ms at batch 1 and 12.7 -> 7.8 ms at batch 8, same argmax on 512 real states.
+Why: torch has no fused gather + GEMV; its best sequence (``index_select`` into a buffer, then ``mv``)
+reads every row, writes it to the buffer and reads it again. The kernel visits a batch's (row, probe)
+pairs in cluster order, so a cluster probed by several rows of the batch is read from memory once,
+and splits the sorted pairs over torch's intra-op threads; every logit is the same dot product in the
+same order whatever the batch or thread count. Three row formats: fp32 rows; Q8_0 rows (int8 plus one
+scale per 32 weights, the GGUF layout) dotted with an fp32 hidden state; and Q8_0 rows dotted with a
+Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Measurements: docs/kernels.md.
 
-The rows of a batch share most of their probed clusters (Gemma, batch 8: the union is 0.33-0.39 of
-the B * p probes, ``benchmarks/batch_overlap_lab.py``), so the kernel visits the probes in cluster
-order and reads each shared cluster from memory once. Kernel alone, real Gemma rows and states, LLC
-flushed, median of 40 calls, row by row -> cluster order: p = 559: 1.06 -> 1.04 ms at batch 1,
-7.58 -> 3.82 ms at batch 8; p = 1,118: 2.05 -> 1.66 ms and 14.66 -> 6.63 ms; bit-identical output.
-
-The sorted pairs are split into one contiguous run per intra-op thread. On the first dev machine
-(AMD EPYC) one thread already read at the machine's bandwidth; on dev-cpu-b (Intel Xeon VM) one
-thread reads ~11 GB/s of 24.6, and two threads take Gemma's stage 2 (p = 1,372, 20 calls on real
-states, LLC flushed, median) from 5.09 to 2.67 ms at batch 1 and 18.8 to 10.2 ms at batch 8, bit-
-identical (docs/benchmarks.md).
-
-The kernel is compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++ and
-ninja; ``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the
-source, the torch version and the CPU's instruction-set flags (it is built with
-``-march=native``). Without a compiler, or with ``FLASHHEAD_NO_KERNEL=1``, :func:`gather_gemv`
-returns None and the head uses its torch path (same results up to float rounding).
+Compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
+``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the source, the
+torch version and the CPU's instruction-set flags (``-march=native``). Without a compiler, or with
+``FLASHHEAD_NO_KERNEL=1``, the functions return None and the head uses its torch path.
 """
 
 from __future__ import annotations
@@ -43,43 +33,168 @@ _SOURCE = r"""
 #include <vector>
 #include <ATen/Parallel.h>
 
-// logits[n, j*cap + c] = rows[clusters[n, j], c, :] . h[n, :]   (fp32, one pass over the rows)
-// The (row, probe) pairs are visited in ascending cluster order: a cluster probed by several rows of
-// the batch is read from memory once and then served from cache, and the reads ascend through memory.
-// Each logit is the same dot product in the same order as a row-by-row loop: same bits, any batch,
-// any number of threads.
-torch::Tensor gather_gemv(torch::Tensor rows, torch::Tensor clusters, torch::Tensor h) {
-  const int64_t N = clusters.size(0), p = clusters.size(1), cap = rows.size(1), d = rows.size(2);
-  auto out = torch::empty({N, p * cap}, h.options());
-  const float* R = rows.data_ptr<float>();
+// Calls dot(k, i, out) for every (row n, probe j) pair, i = n * p + j, k = clusters[n, j], out = the
+// cap logits of that pair, in ascending cluster order: a cluster probed by several rows of the batch is
+// read from memory once and then served from cache, and the reads ascend through memory. One
+// contiguous run of the sorted pairs per intra-op thread (torch.set_num_threads).
+template <typename F>
+torch::Tensor for_pairs(const torch::Tensor& clusters, int64_t cap, F dot) {
+  const int64_t N = clusters.size(0), p = clusters.size(1), total = N * p;
+  auto out = torch::empty({N, p * cap}, torch::dtype(torch::kFloat32));
   const int64_t* C = clusters.data_ptr<int64_t>();
-  const float* H = h.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  std::vector<std::pair<int64_t, int64_t>> order(N * p);  // (cluster, flat index n * p + j)
-  for (int64_t i = 0; i < N * p; ++i) order[i] = {C[i], i};
+  std::vector<std::pair<int64_t, int64_t>> order(total);  // (cluster, flat index n * p + j)
+  for (int64_t i = 0; i < total; ++i) order[i] = {C[i], i};
   std::sort(order.begin(), order.end());
-  // one contiguous run of the sorted pairs per intra-op thread (torch.set_num_threads)
-  const int64_t total = N * p, nt = at::get_num_threads();
+  const int64_t nt = at::get_num_threads();
   at::parallel_for(0, total, std::max<int64_t>(16, (total + nt - 1) / nt), [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q) {
-      const int64_t k = order[q].first, i = order[q].second;
-      const float* base = R + k * cap * d;
-      const float* hn = H + (i / p) * d;
-      float* o = O + i * cap;
-      for (int64_t c = 0; c < cap; ++c) {
-        const float* r = base + c * d;
-        float acc = 0.f;
-        #pragma omp simd reduction(+:acc)
-        for (int64_t t = 0; t < d; ++t) acc += r[t] * hn[t];
-        o[c] = acc;
-      }
-    }
+    for (int64_t q = lo; q < hi; ++q) dot(order[q].first, order[q].second / p, O + order[q].second * cap);
   });
   return out;
 }
+
+// fp32 rows [K, cap, d] . h [N, d]
+torch::Tensor gather_gemv(torch::Tensor rows, torch::Tensor clusters, torch::Tensor h) {
+  const int64_t cap = rows.size(1), d = rows.size(2);
+  const float* R = rows.data_ptr<float>();
+  const float* H = h.data_ptr<float>();
+  return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
+    const float* hn = H + n * d;
+    for (int64_t c = 0; c < cap; ++c) {
+      const float* r = R + (k * cap + c) * d;
+      float acc = 0.f;
+      #pragma omp simd reduction(+:acc)
+      for (int64_t t = 0; t < d; ++t) acc += r[t] * hn[t];
+      o[c] = acc;
+    }
+  });
+}
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define FH_AVX2 1
+#include <immintrin.h>
+#endif
+
+static inline float scale_at(const float* s, int64_t b) { return s[b]; }
+#ifdef FH_AVX2
+static inline float scale_at(const at::Half* s, int64_t b) { return _cvtsh_ss(s[b].x); }
+static inline __m128 scales4(const float* s) { return _mm_loadu_ps(s); }
+static inline __m128 scales4(const at::Half* s) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+}
+static inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#else
+static inline float scale_at(const at::Half* s, int64_t b) { return static_cast<float>(s[b]); }
+#endif
+
+// One Q8_0 row (int8 r [d], scales s [d/32]) . fp32 h [d]: per block the sum of int8 * h (fp32), times the
+// block's scale, added into running sum b % 2 (two independent chains), the two added at the end.
+template <typename S>
+static inline float q8_dot(const int8_t* r, const S* s, const float* h, int64_t nb) {
+#ifdef FH_AVX2
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* rb = r + b * 32;
+    const float* hb = h + b * 32;
+    const auto k = [&](int u) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rb + u * 8))));
+    };
+    __m256 t = _mm256_mul_ps(k(0), _mm256_loadu_ps(hb));
+    t = _mm256_fmadd_ps(k(1), _mm256_loadu_ps(hb + 8), t);
+    t = _mm256_fmadd_ps(k(2), _mm256_loadu_ps(hb + 16), t);
+    t = _mm256_fmadd_ps(k(3), _mm256_loadu_ps(hb + 24), t);
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(scale_at(s, b)), t, acc[b & 1]);
+  }
+  return hsum8(_mm256_add_ps(acc[0], acc[1]));
+#else
+  float acc[2] = {0.f, 0.f};
+  for (int64_t b = 0; b < nb; ++b) {
+    float t = 0.f;
+    for (int j = 0; j < 32; ++j) t += static_cast<float>(r[b * 32 + j]) * h[b * 32 + j];
+    acc[b & 1] += scale_at(s, b) * t;
+  }
+  return acc[0] + acc[1];
+#endif
+}
+
+// One Q8_0 row . Q8_0 h (int8 q [d] in [-127, 127], fp32 qs [d/32] holding fp16 values): per block the
+// exact int32 sum of the 32 int8 products, times scale_w * scale_h (two fp16 values: an exact product in
+// fp32); block b is added into running sum b % 4, and the four are added at the end.
+template <typename S>
+static inline float q8q8_dot(const int8_t* r, const S* s, const int8_t* q, const float* qs, int64_t nb) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t b = 0;
+#ifdef FH_AVX2
+  // 8 int32 partial sums of one block: |r| (unsigned) times q with r's sign, int16 pairs, then int32
+  const auto block = [&](int64_t i) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i * 32));
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * 32));
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+  };
+  __m128 acc4 = _mm_setzero_ps();
+  for (; b + 4 <= nb; b += 4) {
+    const __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(block(b), block(b + 1)),
+                                            _mm256_hadd_epi32(block(b + 2), block(b + 3)));
+    const __m128i isum = _mm_add_epi32(_mm256_castsi256_si128(s0123), _mm256_extracti128_si256(s0123, 1));
+    const __m128 dd = _mm_mul_ps(scales4(s + b), _mm_loadu_ps(qs + b));
+    acc4 = _mm_add_ps(acc4, _mm_mul_ps(_mm_cvtepi32_ps(isum), dd));
+  }
+  _mm_storeu_ps(acc, acc4);
+#endif
+  for (; b < nb; ++b) {
+    int32_t isum = 0;
+    for (int j = 0; j < 32; ++j) isum += static_cast<int16_t>(r[b * 32 + j]) * static_cast<int16_t>(q[b * 32 + j]);
+    acc[b % 4] = acc[b % 4] + static_cast<float>(isum) * (scale_at(s, b) * qs[b]);
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Q8_0 rows (int8 [K, cap, d], scales [K, cap, d/32]) . fp32 h [N, d]
+template <typename S>
+torch::Tensor q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, const torch::Tensor& clusters,
+                      const torch::Tensor& h) {
+  const int64_t cap = rows.size(1), d = rows.size(2), nb = d / 32;
+  const int8_t* R = rows.data_ptr<int8_t>();
+  const S* SC = scales.data_ptr<S>();
+  const float* H = h.data_ptr<float>();
+  return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
+    for (int64_t c = 0; c < cap; ++c) o[c] = q8_dot(R + (k * cap + c) * d, SC + (k * cap + c) * nb, H + n * d, nb);
+  });
+}
+
+// Q8_0 rows . Q8_0 h (int8 hq [N, d], fp32 hs [N, d/32])
+template <typename S>
+torch::Tensor q8q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, const torch::Tensor& clusters,
+                        const torch::Tensor& hq, const torch::Tensor& hs) {
+  const int64_t cap = rows.size(1), d = rows.size(2), nb = d / 32;
+  const int8_t* R = rows.data_ptr<int8_t>();
+  const S* SC = scales.data_ptr<S>();
+  const int8_t* Q = hq.data_ptr<int8_t>();
+  const float* QS = hs.data_ptr<float>();
+  return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
+    for (int64_t c = 0; c < cap; ++c)
+      o[c] = q8q8_dot(R + (k * cap + c) * d, SC + (k * cap + c) * nb, Q + n * d, QS + n * nb, nb);
+  });
+}
+
+torch::Tensor q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::Tensor clusters, torch::Tensor h) {
+  if (scales.scalar_type() == torch::kFloat16) return q8_gemv<at::Half>(rows, scales, clusters, h);
+  return q8_gemv<float>(rows, scales, clusters, h);
+}
+
+torch::Tensor q8q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::Tensor clusters, torch::Tensor hq,
+                               torch::Tensor hs) {
+  if (scales.scalar_type() == torch::kFloat16) return q8q8_gemv<at::Half>(rows, scales, clusters, hq, hs);
+  return q8q8_gemv<float>(rows, scales, clusters, hq, hs);
+}
 """
 
-
+_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv"]
 # -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
 # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -108,7 +223,7 @@ def _module():
     folder = cache_dir() / "kernels" / key
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return load_inline(f"flashhead_stage2_{key}", cpp_sources=_SOURCE, functions=["gather_gemv"],
+        return load_inline(f"flashhead_stage2_{key}", cpp_sources=_SOURCE, functions=_FUNCTIONS,
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
                            verbose=False)
     except Exception as e:  # no compiler / ninja: the torch path is correct, only slower
@@ -118,15 +233,48 @@ def _module():
         return None
 
 
+def _on_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
 def gather_gemv(rows: torch.Tensor, clusters: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
     """Stage-2 logits ``[N, p*cap]`` of fp32 CPU ``rows [K, cap, d]`` for ``clusters [N, p]`` (int64)
     and ``h [N, d]``, or None when the kernel does not apply (other dtype/device, or not built)."""
-    if not (rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.is_contiguous()):
+    if not (rows.dtype == torch.float32 and _on_cpu(rows)):
         return None
     mod = _module()
     if mod is None:
         return None
     return mod.gather_gemv(rows, clusters.contiguous(), h.float().contiguous())
+
+
+def _q8_applies(rows: torch.Tensor, scales: torch.Tensor) -> bool:
+    return (rows.dtype == torch.int8 and scales.dtype in (torch.float16, torch.float32) and _on_cpu(rows, scales)
+            and rows.shape[-1] % 32 == 0)
+
+
+def q8_gather_gemv(rows: torch.Tensor, scales: torch.Tensor, clusters: torch.Tensor, h: torch.Tensor
+                   ) -> torch.Tensor | None:
+    """Stage-2 logits ``[N, p*cap]`` of Q8_0 rows (int8 ``rows [K, cap, d]``, ``scales [K, cap, d/32]``
+    fp16 or fp32) and fp32 ``h [N, d]``, or None when the kernel does not apply."""
+    if not _q8_applies(rows, scales):
+        return None
+    mod = _module()
+    if mod is None:
+        return None
+    return mod.q8_gather_gemv(rows, scales, clusters.contiguous(), h.float().contiguous())
+
+
+def q8q8_gather_gemv(rows: torch.Tensor, scales: torch.Tensor, clusters: torch.Tensor, hq: torch.Tensor,
+                     hs: torch.Tensor) -> torch.Tensor | None:
+    """As :func:`q8_gather_gemv` with ``h`` in Q8_0 too (int8 ``hq [N, d]``, fp32 ``hs [N, d/32]``
+    holding fp16 values), or None when the kernel does not apply."""
+    if not _q8_applies(rows, scales):
+        return None
+    mod = _module()
+    if mod is None:
+        return None
+    return mod.q8q8_gather_gemv(rows, scales, clusters.contiguous(), hq.contiguous(), hs.float().contiguous())
 
 
 def build() -> bool:

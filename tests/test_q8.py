@@ -1,0 +1,205 @@
+"""Stage 2 at the head's stored precision: Q8_0 rows (int8 + one fp16 scale per 32 weights).
+
+Synthetic heads are made the way ggml quantizes (scale = fp16(amax / 127), int8 = round(w * 127 / amax)),
+so their fp32 copy is exactly ``scale * int8``, as a head that transformers dequantized from a Q8_0 GGUF.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flashhead import _kernels
+from flashhead.head import FlashHead, q8_0_dequantize, q8_0_from_blocks, q8_0_quantize, q8_0_rows
+
+
+def q8_head(V: int, d: int, seed: int = 0) -> torch.Tensor:
+    """A random fp32 head [V, d] that is exactly Q8_0."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, d // 32, 32, generator=g) * torch.rand(V, d // 32, 1, generator=g)
+    amax = w.abs().amax(-1, keepdim=True)
+    k = torch.round(w * (127 / amax)) + 0.0  # int8 has no -0
+    return (k * (amax / 127).half().float()).view(V, d)
+
+
+def heads(W: torch.Tensor, K: int, p: int, scales: torch.dtype = torch.float16, always=(3, 5), seed: int = 0):
+    """(fp32-row head, Q8_0-row head, Q8_0 head with Q8_0 activations) over the same random clusters."""
+    V, d = W.shape
+    cap = V // K
+    slot = torch.randperm(V, generator=torch.Generator().manual_seed(seed)).view(K, cap)
+    q, s = q8_0_rows(W)
+    kw = dict(out_features=V, n_probes=p, always_ids=torch.tensor(always))
+    cents = W[slot].mean(1)
+    return (FlashHead(W[slot], slot, cents, **kw),
+            FlashHead(q[slot], slot, cents, row_scales=s[slot].to(scales), **kw),
+            FlashHead(q[slot], slot, cents, row_scales=s[slot].to(scales), quantize_activations=True, **kw))
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, W: torch.Tensor, ids: torch.Tensor | None = None):
+    """Logits ``a`` and ``b`` [N, M] (token ``ids`` [N, M], -1 = none; None: all V columns) equal up to float
+    rounding: within 1e-6 of sum_j |h_j w_j| (a few ulps of the largest partial sum), and -inf alike."""
+    bound = h.abs() @ W.abs().t()
+    if ids is not None:
+        bound = bound.gather(1, ids.clamp_min(0))
+    assert torch.equal(torch.isinf(a), torch.isinf(b))
+    fin = torch.isfinite(a)
+    assert bool(((a - b).abs()[fin] <= 1e-6 * bound[fin] + 1e-7).all()), float((a - b).abs()[fin].max())
+
+
+def test_q8_0_rows_finds_exact_heads_and_refuses_others():
+    W = q8_head(64, 96)
+    W[5, 32:64] = 0.0  # an all-zero block
+    q, s = q8_0_rows(W)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (64, 3)
+    assert torch.equal(q8_0_dequantize(q, s).view(torch.int32), W.view(torch.int32))  # bit for bit
+    assert int(q.abs().max()) == 127
+    nudged = W.clone()
+    nudged[7, 40] = torch.nextafter(nudged[7, 40], torch.tensor(1.0))  # one ulp off
+    assert q8_0_rows(nudged) is None
+    assert q8_0_rows(torch.randn(64, 96)) is None  # an ordinary float head
+    assert q8_0_rows(W.bfloat16()) is None  # rounded to bf16: not scale * int8 any more
+    assert q8_0_rows(W[:, :80]) is None  # d not a multiple of 32
+    negzero = W.clone()
+    negzero[5, 33] = -0.0  # scale * 0 is +0.0: not the same bits
+    assert q8_0_rows(negzero) is None
+
+
+def test_q8_0_from_blocks_reads_the_gguf_layout():
+    W = q8_head(16, 64)
+    q, s = q8_0_rows(W)
+    raw = torch.cat([s.view(16, 2, 1).view(torch.uint8), q.view(16, 2, 32).view(torch.uint8)], -1)  # [V, nb, 34]
+    q2, s2 = q8_0_from_blocks(raw.reshape(16, 68).numpy(), 64)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+    with pytest.raises(ValueError, match="Q8_0 blocks must be uint8"):
+        q8_0_from_blocks(raw.reshape(16, 68)[:, :67], 64)
+    with pytest.raises(ValueError, match="Q8_0 blocks must be uint8"):
+        q8_0_from_blocks(raw.float(), 64)
+
+
+@pytest.mark.parametrize("scales", [torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 576, 640])
+def test_int8_stage2_logits_equal_the_fp32_head(scales, d):
+    hf, h8, _ = heads(q8_head(400, d), K=100, p=9, scales=scales)
+    h = torch.randn(7, d)
+    cl = hf.select_clusters(h)
+    ids_f, lf = hf.candidates(h, cl)
+    ids_8, l8 = h8.candidates(h, cl)
+    assert torch.equal(ids_f, ids_8)
+    W = q8_head(400, d)
+    assert_close(l8, lf, h, W, ids_f)  # the same weights; only the summation order differs
+    assert torch.equal(h8.greedy(h), hf.greedy(h))
+    full = FlashHead(h8.rows, h8.slot_token, hf.centroids, out_features=400, n_probes=100, row_scales=h8.row_scales)
+    dense = h @ W.t()
+    assert torch.equal(full.greedy(h), dense.argmax(1))  # every cluster probed: the dense argmax
+    assert_close(full(h), dense, h, W)
+    per_row = 2 if scales == torch.float16 else 4
+    assert h8.nbytes_per_step() < hf.nbytes_per_step()
+    assert h8.nbytes_per_step() - hf.nbytes_per_step() == (9 * 4 + 2) * (d + d // 32 * per_row - 4 * d)
+
+
+def test_q8_activations_match_a_reference():
+    """q8_0_quantize follows llama.cpp's x86 rule (scale fp16(amax/127), x * 127/amax rounded to even) and the
+    block products give sum_b int32(sum_j w_j q_j) * s_w * s_h, computed here independently in numpy."""
+    V, d = 200, 640
+    W = q8_head(V, d, seed=3)
+    _, _, hq = heads(W, K=50, p=6)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(5, d, generator=g) * torch.rand(5, d // 32, 1, generator=g).repeat_interleave(32, 1).view(5, d)
+    h[0, :32] = 0.0  # an all-zero block: scale 0, int8 0
+    x = h.numpy().reshape(5, -1, 32)
+    amax = np.abs(x).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        mult = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q_ref = np.rint(x * mult).astype(np.int8).reshape(5, d)
+    s_ref = (amax / np.float32(127)).astype(np.float16).astype(np.float32).reshape(5, -1)
+    q, s = q8_0_quantize(h)
+    assert np.array_equal(q.numpy(), q_ref) and np.array_equal(s.numpy(), s_ref)
+    tie, _ = q8_0_quantize(torch.tensor([[127.0, 2.5, -3.5, 0.5] + [0.0] * 28]))  # 127/amax = 1: exact ties
+    assert tie[0, :4].tolist() == [127, 2, -4, 0]  # half to even
+
+    cl = hq.select_clusters(h)
+    ids, logits = hq.candidates(h, cl)
+    wq, ws = q8_0_rows(W)
+    for n in range(5):
+        for j in range(ids.shape[1]):
+            t = int(ids[n, j])
+            if t < 0:
+                continue
+            isum = (wq[t].numpy().astype(np.int64).reshape(-1, 32) * q_ref[n].astype(np.int64).reshape(-1, 32)).sum(1)
+            ref = float(np.sum(isum * (ws[t].numpy().astype(np.float64) * s_ref[n].astype(np.float64))))
+            assert abs(float(logits[n, j]) - ref) <= 1e-5 * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32-h", "q8-h"])
+def test_q8_kernel_matches_the_torch_path(monkeypatch, quantize):
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    for d, scales in ((576, torch.float16), (640, torch.float32), (96, torch.float16)):
+        W = q8_head(300, d, seed=d)
+        _, h8, hq = heads(W, K=75, p=11, scales=scales)
+        head = hq if quantize else h8
+        h = torch.randn(6, d)
+        cl = head.select_clusters(h)
+        args = (head.rows, head.row_scales, cl)
+        fused = (_kernels.q8q8_gather_gemv(*args, *q8_0_quantize(h)) if quantize
+                 else _kernels.q8_gather_gemv(*args, h))
+        assert fused is not None
+        ids_k, logits_k = head.candidates(h, cl)
+        with monkeypatch.context() as m:
+            m.setattr(_kernels, "q8_gather_gemv", lambda *a: None)
+            m.setattr(_kernels, "q8q8_gather_gemv", lambda *a: None)
+            ids_t, logits_t = head.candidates(h, cl)
+        assert torch.equal(ids_k, ids_t)
+        assert_close(logits_k, logits_t, h, W, ids_k)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32-h", "q8-h"])
+def test_q8_stage2_is_batch_and_thread_invariant(quantize):
+    _, h8, hq = heads(q8_head(512, 640, seed=1), K=64, p=13)
+    head = hq if quantize else h8
+    h = torch.randn(9, 640)
+    cl = head.select_clusters(h)
+    batched = head.candidates(h, cl)[1]  # stage 2, always-scored ids included
+    rows = torch.cat([head.candidates(h[i:i + 1], cl[i:i + 1])[1] for i in range(9)])
+    assert torch.equal(batched, rows)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append(head.candidates(h, cl)[1])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1])
+
+
+def test_q8_head_samples_and_casts():
+    hf, h8, hq = heads(q8_head(256, 64), K=64, p=8)
+    h = torch.randn(4, 64)
+    g = torch.Generator().manual_seed(0)
+    for head in (h8, hq):
+        tok = head.sample(h, temperature=0.8, top_p=0.9, generator=g)
+        assert tok.shape == (4,) and int(tok.min()) >= 0 and int(tok.max()) < 256
+        head.temperature = 1.0
+        assert head(h).shape == (4, 256)
+        head.temperature = None
+    scales = h8.row_scales.clone()
+    h8.to(torch.bfloat16)  # a model cast must not round the scales
+    assert h8.row_scales.dtype == torch.float16 and torch.equal(h8.row_scales, scales)
+
+
+def test_q8_constructor_validation():
+    hf, h8, _ = heads(q8_head(256, 64), K=64, p=8)
+    args = (h8.slot_token, hf.centroids)
+    kw = dict(out_features=256, n_probes=4)
+    with pytest.raises(ValueError, match="int8 rows need row_scales"):
+        FlashHead(h8.rows, *args, **kw)
+    with pytest.raises(ValueError, match=r"row_scales must have shape \[K, cap, d // 32\]"):
+        FlashHead(h8.rows, *args, row_scales=h8.row_scales[:, :, :1], **kw)
+    with pytest.raises(ValueError, match="rows must be int8 Q8_0 rows"):
+        FlashHead(hf.rows, *args, row_scales=h8.row_scales, **kw)
+    with pytest.raises(ValueError, match="row_scales must be float16 or float32"):
+        FlashHead(h8.rows, *args, row_scales=h8.row_scales.bfloat16(), **kw)
+    with pytest.raises(ValueError, match="quantize_activations needs Q8_0 rows"):
+        FlashHead(hf.rows, *args, quantize_activations=True, **kw)
