@@ -9,3 +9,4 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+	.venv-vllm/bin/python -m pytest -q tests/vllm  # the vLLM plugin, in the vLLM environment

@@ -189,24 +189,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export_vllm(args: argparse.Namespace) -> int:
     from .index import FlashHeadIndex
-    from .integrations import vllm
     from .integrations.transformers import ASSETS_SUBDIR, index_for
+    from .integrations.vllm import folder, vendor
 
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir} is not a transformers model folder (no config.json); save the model there "
-                         "first (model.save_pretrained) or point at its folder")
+    src = Path(args.model)
+    if args.out is None and not (src / "config.json").is_file():
+        raise ValueError(f"{src} is not a transformers model folder (no config.json); give --out FOLDER to write a "
+                         "servable copy, or point at a model folder to add the vendor plugin's files to it")
+    model, tok = _models.load_model(args.model, verbose=False)
+    weight = _models.head_weight(model)
     if args.index:
-        model, _ = _models.load_model(model_dir, verbose=False)
-        index = FlashHeadIndex.load(args.index, weight=_models.head_weight(model))
-    elif (model_dir / ASSETS_SUBDIR).is_dir():
-        model, _ = _models.load_model(model_dir, verbose=False)
-        index = FlashHeadIndex.load(model_dir / ASSETS_SUBDIR, weight=_models.head_weight(model))
+        index = FlashHeadIndex.load(args.index, weight=weight)
+    elif (src / ASSETS_SUBDIR).is_dir():
+        index = FlashHeadIndex.load(src / ASSETS_SUBDIR, weight=weight)
     else:
-        model, tok = _models.load_model(model_dir, verbose=False)
-        index = index_for(str(model_dir), model, tok)
-    out = vllm.export(index, model_dir, force=args.force)
-    print(f"wrote {out / vllm.CACHE_FILE} and the FlashHead keys of {model_dir / 'config.json'} "
+        index = index_for(args.model, model, tok)
+    if args.out is not None:
+        out = folder.export_folder(_models.local_dir(args.model, verbose=False), args.out, index,
+                                   n_probes=args.probes, stage1=args.stage1, force=args.force)
+        print(f"wrote {out} (K={index.num_clusters}, cluster size {index.cluster_size}, n_probes "
+              f"{args.probes or index.config.n_probes}); serve it with `vllm serve {out}` in the vLLM environment")
+        return 0
+    out = vendor.export(index, src, force=args.force)
+    print(f"wrote {out / vendor.CACHE_FILE} and the FlashHead keys of {src / 'config.json'} "
           f"(K={index.num_clusters}, cluster size {index.cluster_size}, n_probes {index.config.n_probes})")
     return 0
 
@@ -306,10 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="FILE", help="write a PNG of agreement and bytes against probes")
     s.set_defaults(func=_cmd_eval)
 
-    s = sub.add_parser("export-vllm", help="write the vLLM FlashHead plugin's asset files and config keys into a model folder")
-    s.add_argument("model_dir", help="transformers model folder (config.json + weights)")
-    s.add_argument("--index", help="flashhead assets folder to export (default: MODEL_DIR/flashhead, else built)")
-    s.add_argument("--force", action="store_true", help="replace FlashHead assets/keys already in the folder")
+    s = sub.add_parser("export-vllm", help="write a folder that vLLM serves with FlashHead (--out), or add the vendor "
+                                           "plugin's asset files and config keys to a model folder")
+    s.add_argument("model", help=f"{model_help}; without --out: a model folder, changed in place")
+    s.add_argument("--out", metavar="FOLDER", help="write a complete servable folder here (weights hard-linked or "
+                                                   "copied, tokenizer, config with the FlashHead architecture, index); "
+                                                   "then `vllm serve FOLDER`")
+    s.add_argument("--index", help="flashhead assets folder to export (default: MODEL/flashhead, else the model's "
+                                   "index in the cache, built if missing)")
+    s.add_argument("--probes", type=int, help="probed clusters per step in the served folder (default: the index's)")
+    s.add_argument("--stage1", choices=["int8", "int4", "float"], help="centroid precision (default: the index's)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out folder, or FlashHead assets/keys "
+                                                        "already in the model folder")
     s.set_defaults(func=_cmd_export_vllm)
 
     s = sub.add_parser("bench", help="speed of FlashHead vs the dense head and peer indexes: head level, whole "

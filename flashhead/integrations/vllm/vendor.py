@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .._io import WouldOverwriteError, atomic_dir, atomic_write_bytes
-from ..index import AssetError, FlashHeadIndex, IndexConfig, fingerprint
-from ..validate import read_safetensors
+from ..._io import WouldOverwriteError, atomic_dir, atomic_write_bytes
+from ...index import AssetError, FlashHeadIndex, IndexConfig, fingerprint
+from ...validate import read_safetensors
 
 ASSETS_DIR = "flash_head_assets"
 CACHE_FILE = "clustering_cache.safetensors"
@@ -44,7 +44,7 @@ def to_vllm_tensors(index: FlashHeadIndex) -> dict[str, torch.Tensor]:
     return {"centroids": index.centroids.T.contiguous(), "cluster_assignments": assignments}
 
 
-def _parse_model_config(cfg_path: Path, data: bytes) -> dict:
+def parse_model_config(cfg_path: Path, data: bytes) -> dict:
     """The model's config.json (bytes ``data``) as a dict, or a ValueError saying what is wrong with it."""
     try:
         config = json.loads(data.decode("utf-8"))
@@ -69,7 +69,7 @@ def export(index: FlashHeadIndex, model_dir: str | Path, *, force: bool = False)
     if not cfg_path.is_file():
         raise ValueError(f"{model_dir} is not a model folder (no config.json); give the folder of a saved model")
     original = cfg_path.read_bytes()
-    config = _parse_model_config(cfg_path, original)
+    config = parse_model_config(cfg_path, original)
     archs = config.get("architectures")
     if not archs or not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ValueError(f"{cfg_path} has no 'architectures' list of class names to prefix with {PREFIX!r}")
@@ -112,7 +112,7 @@ def import_assets(model_dir: str | Path, weight: torch.Tensor, *, num_tokens: in
         raise ValueError("weight must be the model's head weight, a [vocab, hidden] tensor")
     try:
         tensors, _ = read_safetensors(path)
-        config = _parse_model_config(model_dir / "config.json", (model_dir / "config.json").read_bytes())
+        config = parse_model_config(model_dir / "config.json", (model_dir / "config.json").read_bytes())
     except FileNotFoundError as e:
         raise AssetError(f"{model_dir} has no vLLM FlashHead assets ({e.filename} is missing)") from None
     except (OSError, ValueError) as e:

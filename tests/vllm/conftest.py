@@ -1,0 +1,28 @@
+"""The vLLM plugin's tests: they run in the vLLM environment (.venv-vllm; `make test` runs them there).
+
+In an environment without vLLM (the main .venv) this folder is not collected, and the header of the
+run says so. Each module starts one engine and stops it before the next module starts its own
+(helpers: vllm_helpers.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM:
+    collect_ignore_glob = ["test_*.py"]
+
+# One process, fast start (../shared/engines.md): no engine-core subprocess, no core pinning, a small
+# KV cache, and nothing fetched from a hub.
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1",
+                  VLLM_CPU_KVCACHE_SPACE="1")
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="flashhead-vllm-cache-"))
+
+
+def pytest_report_header(config):
+    if not HAVE_VLLM:
+        return "tests/vllm: not collected (vLLM is not installed here; `make test` runs them in .venv-vllm)"
+    return None
