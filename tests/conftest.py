@@ -29,3 +29,20 @@ def smol_index(smollm2):
 
     model, tok = smollm2
     return build_for_model(model, tok, model_name="smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """Qwen2.5-Coder-0.5B-Instruct: the built-in model with an untied head (its own 151,936 x 896 lm_head)."""
+    from flashhead.models import load_model
+
+    return load_model("qwen2.5-coder-0.5b", verbose=False)
+
+
+@pytest.fixture(scope="session")
+def qwen_index(qwen):
+    """The Qwen index with the default build settings, from the cache (built once there if missing)."""
+    from flashhead.integrations.transformers import index_for
+
+    model, tok = qwen
+    return index_for("qwen2.5-coder-0.5b", model, tok, progress=False)
