@@ -26,7 +26,7 @@ TARGET_EXTRA_MB = 4096.0
 def _child(model_ref: str, threads: int) -> dict:
     import torch
 
-    from flashhead.bench import materialize, reset_peak, rss_kb
+    from flashhead.bench.memory import materialize, reset_peak, rss_kb
     from flashhead.integrations.transformers import build_for_model, calibration_sets
     from flashhead.models import load_model
 
