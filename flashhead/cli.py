@@ -38,6 +38,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     for name in data.text_names():
         data.load_text(name)
     print(f"texts ready: {', '.join(data.AUSTEN_BOOKS)}, brown")
+    print(f"Qwen3 tokenizer ready: {data.qwen3_tokenizer_dir()}")
     for name in args.models:
         _models.local_dir(name)
         print(f"model ready: {name}")
