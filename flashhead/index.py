@@ -23,7 +23,7 @@ import math
 import numbers
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +31,15 @@ import torch
 from safetensors.torch import save_file
 
 from ._io import WouldOverwriteError, atomic_dir, sha256_file
+from .assets import (CONFIG_FILE, FORMAT_VERSION, INFORMATIONAL_FIELDS, TENSORS_FILE, AssetError,  # the format,
+                     IndexConfig, checksum)  # also imported from here by callers
 from .cluster import balanced_kmeans
 from .head import STAGE1_MODES, stage1_nbytes
+from .validate import read_assets
 
-FORMAT_VERSION = 2  # 2: adds ``stage1`` (the stage-1 precision the default setting is calibrated for)
 #: revision of the build defaults (cluster size, probe rule); 2: clusters of 2 below 131,072 tokens and
 #: probes filling the byte budget. Cached indexes are kept per revision, so new defaults build anew.
 DEFAULTS_REVISION = 2
-TENSORS_FILE = "index.safetensors"
-CONFIG_FILE = "flashhead.json"
-#: fields of IndexConfig that only inform (edits to them are allowed); all others are checksummed
-INFORMATIONAL_FIELDS = ("model", "build")
-
-
-class AssetError(ValueError):
-    """Assets on disk are missing, damaged, or belong to another model."""
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -61,31 +55,6 @@ def fingerprint(weight: torch.Tensor) -> str:
     h = hashlib.sha256(f"{tuple(weight.shape)}".encode())
     h.update(sample.tobytes())
     return h.hexdigest()[:32]
-
-
-@dataclass
-class IndexConfig:
-    """Everything about an index that is not a tensor (saved as plain JSON)."""
-
-    vocab_size: int  # rows of the head = width of its logits
-    num_tokens: int  # rows that are real tokens (<= vocab_size); the rest are never returned
-    hidden_size: int
-    num_clusters: int
-    cluster_size: int
-    n_probes: int  # default probe count
-    always_ids: list[int]  # token ids scored at every step (EOS, ...)
-    fingerprint: str  # of the head weights the index was built from
-    stage1: str = "int8"  # default stage-1 precision (n_probes is calibrated for its bytes)
-    model: str = ""  # human-readable name of that model, for error messages
-    build: dict = field(default_factory=dict)  # parameters, calibration, objective, timings
-    format_version: int = FORMAT_VERSION
-
-
-def checksum(config: IndexConfig, tensors_sha256: str) -> str:
-    """``sha256:...`` of the config fields that change results and of the tensor file's sha256."""
-    fields = {k: v for k, v in asdict(config).items() if k not in INFORMATIONAL_FIELDS}
-    fields["tensors_sha256"] = tensors_sha256
-    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -137,9 +106,7 @@ class FlashHeadIndex:
     @classmethod
     def load(cls, folder: str | Path, weight: torch.Tensor | None = None) -> FlashHeadIndex:
         """Read assets from ``folder`` and validate them (and, given ``weight``, that they fit it)."""
-        from .validate import load_assets  # the checks live in one place
-
-        index = load_assets(Path(folder))
+        index = cls(*read_assets(Path(folder)))  # the checks live in one place: validate.py
         if weight is not None:
             try:
                 index.check_weight(weight)

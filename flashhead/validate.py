@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from .assets import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, AssetError, IndexConfig, checksum
 from .head import STAGE1_MODES
-from .index import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, AssetError, FlashHeadIndex, IndexConfig, checksum
 
 _INT_FIELDS = ("vocab_size", "num_tokens", "hidden_size", "num_clusters", "cluster_size", "n_probes", "format_version")
 _CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
@@ -100,8 +100,9 @@ def _read_config(folder: Path) -> tuple[IndexConfig, str | None]:
     return IndexConfig(**raw), digest
 
 
-def load_assets(folder: Path) -> FlashHeadIndex:
-    """Load and check an index folder written by :meth:`FlashHeadIndex.save`."""
+def read_assets(folder: Path) -> tuple[torch.Tensor, torch.Tensor, IndexConfig]:
+    """``(slot_token, centroids, config)`` of an index folder written by :meth:`FlashHeadIndex.save`,
+    checked; :meth:`FlashHeadIndex.load` is the way callers read an index."""
     if not folder.is_dir():
         raise AssetError(f"no FlashHead assets at {folder}: build them with `flashhead build MODEL --out {folder}`")
     c, digest = _read_config(folder)
@@ -135,4 +136,4 @@ def load_assets(folder: Path) -> FlashHeadIndex:
     if digest is not None and digest != checksum(c, hashlib.sha256(data).hexdigest()):
         raise _fail(folder, f"{TENSORS_FILE} or {CONFIG_FILE} changed after they were written (checksum mismatch): "
                             "the files are damaged or were edited")
-    return FlashHeadIndex(slots, cents, c)
+    return slots, cents, c
