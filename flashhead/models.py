@@ -8,7 +8,6 @@ converted copy whose files do not match the manifest (truncated, edited) is rebu
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -27,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never 
 
 DEFAULT_MODEL = "gemma3-270m"
 _MANIFEST = "flashhead-manifest.json"
+_HASH_MEMO = "gguf-sha256.json"  # GGUF path -> size, mtime and content sha256
 
 
 #: Qwen's own qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (the hash Qwen publishes), split over six PyPI wheels
@@ -123,11 +123,35 @@ def resolve(model: str | os.PathLike) -> tuple[str, Path]:
     raise ModelNotAvailableError(f"unknown model {ref!r}; give {hint}")
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """sha256 of a GGUF file's content: hashed once per (path, size, mtime), then read from a small
+    JSON in the cache (``models/gguf-sha256.json``), so a second call is instant."""
+    path = gguf.resolve()
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo_file = cache_dir() / "models" / _HASH_MEMO
+    rec = _read_json_object(memo_file).get(str(path))
+    if isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and all(rec.get(k) == v for k, v in stamp.items()):
+        return rec["sha256"]
+    digest = sha256_file(path)
+    memo = _read_json_object(memo_file)  # read again: another process may have added a file meanwhile
+    memo[str(path)] = {**stamp, "sha256": digest}
+    atomic_write_json(memo_file, memo)
+    return digest
+
+
 def converted_dir(gguf: Path) -> Path:
-    """Cache folder of a GGUF file's converted copy, keyed by the file's path, size and mtime."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    """Cache folder of a GGUF file's converted copy, keyed by the file's content (sha256): the same
+    weights installed by two checkouts or virtual environments share one converted copy."""
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf_sha256(gguf)[:16]}"
 
 
 def cache_is_valid(folder: Path) -> bool:

@@ -78,3 +78,24 @@ def test_models_command_lists_both_installed(capsys):
         assert " yes " in line
     assert "262144" in out and "62.6%" in out and "49152" in out and "21.0%" in out
     assert "151936" in out and "21.6%" in out  # Qwen2.5-Coder: its own (untied) head counted once
+
+
+def test_converted_dir_is_keyed_by_content_and_memoized(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHHEAD_CACHE", str(tmp_path / "cache"))
+    first, second, other = (tmp_path / d / "m.gguf" for d in ("venv-a", "venv-b", "venv-c"))
+    for f, body in ((first, b"GGUF same weights"), (second, b"GGUF same weights"), (other, b"GGUF other weights")):
+        f.parent.mkdir()
+        f.write_bytes(body)
+    key = models.converted_dir(first)
+    assert models.converted_dir(second) == key  # two checkouts, one converted copy
+    assert models.converted_dir(other) != key
+    assert key.name.startswith("m-") and key.parent == tmp_path / "cache" / "models"
+
+    hashed = []
+    real_sha256 = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or real_sha256(path))
+    assert models.converted_dir(first) == key and models.converted_dir(second) == key
+    assert hashed == []  # memoized by (path, size, mtime): a second call reads no weights
+    first.write_bytes(b"GGUF new weights!")  # same path, new content and mtime: hashed anew
+    os.utime(first, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert models.converted_dir(first) != key and hashed == [first.resolve()]
