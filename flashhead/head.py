@@ -18,155 +18,24 @@ centroid per cluster, and at each decode step
    to its estimated mass, its ``cap`` rows are scored exactly, and their logits are shifted
    so that together they carry the whole estimated tail mass.  So any token can be sampled,
    the probed part is exact, and the error is only that of the tail's mass estimates.
-   (Measured on SmolLM2, Persuasion, T = 1, p = 256: TV to the dense softmax 0.0256 when
-   the tail is dropped, 0.0210 with ``g = 0``, 0.0147 with this ``g``; drawing the p
-   clusters by Gumbel-top-p instead, as an earlier version did, gave 0.044.)
 
 Everything outside the candidates is ``-inf``, so ``forward`` can stand in for the dense
 head under ``transformers``' ``generate()`` (logits processors/warpers keep working), while
 ``greedy``/``sample`` are fast paths that never build a vocabulary-wide tensor.
 
-Kernel choices (measured with ``benchmarks/stage1_lab.py`` on the 2-vCPU AMD EPYC dev box,
-AVX512-VNNI/BF16, torch 2.13 CPU, 1 thread, p10 of single calls in microseconds; the box
-was shared with other jobs, so only differences well above 2x are meaningful.  "cold" =
-last-level cache evicted before each call, as in a real decode step where the model's
-weights stream through the cache between two head calls).
+Kernels, each chosen by measurement on CPU (tables and labs: docs/kernels.md):
 
-Stage 1, ``[N, d] x [K, d]^T``, cold LLC::
-
-    Gemma-like K=16384 d=640                  N=1     N=4    N=16     N=64
-    fp32 h @ C.T                             2634    4779    7888    28870
-    fp32 h @ Ct (pre-transposed)  <- float   1571    4561    9889    25702
-    bf16 h @ C.T (bf16 centroids)            1523    1641    2196     4364
-    int8 dequant + fp32 (naive)             40112   54953   65442    80831
-    int8 _weight_int8pack_mm, fp32 act       6893   39645  168418   664517
-    int8 _weight_int8pack_mm, bf16 act        690     764    2646    13542
-    int8 dyn-act _int_mm, W [d,K]             917    1005    1703     2892
-    int8 dyn-act _int_mm, W.T view <- int8    484    1214    1729     3166
-    int4 _weight_int4pack_mm_for_cpu fp32   15791   87104  353567  1421004
-    int4 _weight_int4pack_mm_for_cpu bf16     463     645    2278    12146  <- int4
-    int4 nibble unpack + 2x _int_mm          1773    1893    2298     3981
-
-    SmolLM2-like K=3072 d=576                 N=1     N=4    N=16     N=64
-    fp32 h @ C.T                              453     559    1110     2661
-    fp32 h @ Ct (pre-transposed)  <- float    280     538     948     2667
-    bf16 h @ C.T (bf16 centroids)             341     304     425      803
-    int8 dequant + fp32 (naive)               840    1042    1533     3271
-    int8 _weight_int8pack_mm, fp32 act       1163    4722   27559   114270
-    int8 _weight_int8pack_mm, bf16 act        160     157     450     1628
-    int8 dyn-act _int_mm, W [d,K]             230     221     302      554
-    int8 dyn-act _int_mm, W.T view <- int8    168     269     341      630
-    int4 _weight_int4pack_mm_for_cpu fp32    2625   13699   60522   238914
-    int4 _weight_int4pack_mm_for_cpu bf16     112     144     399     1452  <- int4
-    int4 nibble unpack + 2x _int_mm           305     382     488      792
-
-With a hot cache the int8 ``_int_mm`` path is 115 us (Gemma) / 36 us (SmolLM2) at N=1
-vs 1440 / 79 us for fp32.  Hence:
-
-* ``"float"``: fp32 ``h @ Ct`` with the centroids stored pre-transposed ``[d, K]``.
-* ``"int8"``: per-centroid symmetric int8 (``q = round(c / s)``, ``s = max|c| / 127``),
-  activations quantized dynamically per row to int8 (``max|h| / 127``), ``torch._int_mm``
-  (exact int32 accumulation, VNNI) on the ``[K, d]`` weight passed as a ``.t()`` view, then
-  ``acc * s_h * s_c`` in float32.  The weight-only ``_weight_int8pack_mm`` is only fast with
-  bf16 activations and is still slower; with fp32 activations it is a scalar loop.
-* ``"int4"``: the centroids minus their mean ``m`` (scored exactly: ``h . c = h . (c - m) + h . m``),
-  in asymmetric int4 per group of 64 weights (32 when ``d`` is not a multiple of 64):
-  ``q = round((c - m - z) / s) + 8`` in [0, 15] with ``s = (max - min) / 15`` and ``z = min + 8 s``
-  of the group, both stored as bf16, i.e. 4.5 bits per weight.  The kernel rounds its output to
-  bf16, and the mean is most of a score (SmolLM2: |h . c| ~ 6.9, |h . (c - m)| ~ 2.4), so removing
-  it cuts that rounding ~3x.  SmolLM2, p = 777, containment averaged over the four held-out novels:
-  99.84% without the centering, 99.89% with it, 99.92% with float centroids (an index calibrated on
-  a mixed sample); on the index of clusters of 4 it matches float on every novel (99.80-100%).  Packed by
-  ``aten._convert_weight_to_int4pack_for_cpu`` and multiplied by
-  ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations (the only fast path of that
-  kernel); ``K`` is padded to a multiple of 16 and ``d`` to a multiple of 32 (kernel
-  constraints).  One scale per whole centroid (symmetric, the first version) ranked SmolLM2's
-  best cluster first only 62-68% of the time; per group of 64 it ranks as well as float
-  (``docs/fidelity.md``).  It reads about half the bytes of int8 and is as fast at N <= 4, but it
-  is a per-row GEMV (time linear in N): for batched decode (N >= 16) ``"int8"`` is faster.  A
-  nibble-unpack + ``_int_mm`` path wins at N >= 16, but mixing two kernels would make a row's
-  clusters depend on the batch it is in, so it is not used.  Scores come out rounded to bf16.
-  ``aten._dyn_quant_matmul_4bit`` was rejected: on x86 it stores the weight as fp32.
-
-On non-CPU devices the quantized modes fall back to a dequantize-and-matmul reference.
-
-Stage 2, exact logits of ``p * cap`` gathered rows per query, cold LLC::
-
-    Gemma-like K=16384 cap=16 d=640 p=32      fp32: N=1    N=4   N=16   N=64 | bf16: N=1   N=4   N=16   N=64
-    rows[cl] + bmm                                   189   1513   6097  57450 |       256   797   3395  32524
-    index_select (all rows) + bmm                    128   1238   5200  53666 |       165   437   1431  26664
-    einsum on rows[cl]                               229   1542   6106  57481 |       474   793   3427  32800
-    per row: rows[cl[i]] + F.linear                  235    625   2445  10625 |       232   684   2633  10918
-    per row: index_select + mv        <- chosen      147    362   1342   6110 |       161   369   1444   6168
-    one mv per (row, cluster), no gather             217    815   3167  14105 |       656  2304   9422  37470
-    dense h @ W.T (what FlashHead replaces)        41634  76577 119223      - |     20228 22597  29360      -
-
-    SmolLM2-like K=3072 cap=16 d=576 p=16     fp32: N=1    N=4   N=16   N=64 | bf16: N=1   N=4   N=16   N=64
-    index_select (all rows) + bmm                    112    650   2320  25201 |       139   207    629   3958
-    per row: rows[cl[i]] + F.linear                  138    381   1328   5392 |       184   381   1563   6219
-    per row: index_select + mv        <- chosen      100    183    616   2875 |       128   247    844   3323
-    dense h @ W.T                                   7153  12868  17610      - |      3497  3607   5206      -
-
-Batched ``bmm`` with a vector right-hand side is slow on CPU (fp32 above all) and the
-all-rows gather spills the cache for large N, so each row gathers its own clusters with
-``index_select`` and does one GEMV; this also makes a row's logits independent of the batch.
-The tables above use p=32.  At realistic probe counts (hundreds: p=512 for Gemma is 21 MB of
-fp32 rows per query) gathering all of a row's clusters at once is costly: the gather writes
-the 21 MB into freshly allocated pages and the GEMV reads them back from memory.  So the rows are
-gathered chunk by chunk (~1 MiB, i.e. 25 Gemma clusters) into one reused per-thread buffer that
-stays in L2, each chunk followed by a GEMV straight into the logits (``out=``), and this loop
-runs on one intra-op thread (``_STAGE2_THREADS``): its ops are too small for a second thread to
-help, while on a shared machine every extra parallel region can wait a scheduler tick for a
-descheduled thread (Gemma in generate() on the loaded dev box: ~190 ms per head call with
-this loop on 2 threads, ~31 ms for the unchunked loop, 11-35 ms for this loop on 1 thread;
-even the best of many 2-thread calls, 1.54 ms at B=1, was no faster than 1 thread's 1.46 ms).
-Stage 2 with the real indexes and hidden states, cold LLC, median / best ms of interleaved
-calls (``benchmarks/head_profile.py stage2``, 1 thread, shared machine)::
-
-                             B=1          B=8           B=64
-    Gemma-3-270M p=512
-      whole gather + GEMV    2.47 / 2.33  91.8 / 26.6   2392 / 595
-      1 MiB chunks           1.57 / 1.46  10.9 / 10.3    117 / 74
-    SmolLM2-135M p=96
-      whole gather + GEMV    0.48 / 0.38  2.25 / 2.00    157 / 136
-      1 MiB chunks           0.41 / 0.30  1.72 / 1.62   17.8 / 14.3
-
-(2-4 MiB chunks are within noise of 1 MiB.)  Chunking keeps the per-row computation
-identical whatever the batch, so batch invariance holds.
-
-With fp32 rows on CPU, stage 2 runs instead in a small compiled kernel (``flashhead/_kernels.py``,
-built once per machine by the set-up) that reads each probed row once and dots it with ``h`` in
-the same pass, with no copy: Gemma p=559, cold LLC, 2.25 -> 1.57 ms at B=1 and 12.7 -> 7.8 ms at
-B=8.  It visits a batch's probes in cluster order, so a cluster probed by several rows is read from
-memory once (at B=8 the rows share most of their clusters; 7.6 -> 3.8 ms for the kernel alone).
-The chunked torch loop above remains for bf16/fp16 rows, other devices, autograd, and
-machines without a compiler.  A second thread does not help either path here: one core already
-reaches the machine's ~40 GB/s read bandwidth (two Python threads splitting the rows, one OpenMP
-thread each, were 10-15 % slower).
-
-For ``forward`` the cost of the full-width tensor is the ``-inf`` fill (Gemma V=262144:
-37 / 128 / 527 us at N=1/4/16); the scatter adds ~10 us, and ``scatter_reduce(amax)``
-(used: deterministic, and -inf entries of empty slots can never hide a real logit) costs
-the same as ``scatter_``.  Gumbel noise is drawn with ``uniform_`` (``exponential_`` is 4x
-slower and dominated sampling at K=16384).
-
-End to end (``--only e2e``, cold LLC, bf16 rows, 1 thread, validation included)::
-
-    Gemma-like K=16384 cap=16 p=32      MB/row    N=1    N=4   N=16
-    dense F.linear + argmax              320.0  20964  22662  32685
-    greedy, stage1 float                  40.6   1987   5125   9289
-    greedy, stage1 int8                   10.7    820   1966   3923
-    greedy, stage1 int4                    5.9    788   1405   4793
-    sample int8 (T=0.8, top_p=0.9)        10.7   1048   2782   5863
-    forward int8 (full-width logits)      10.7    917   2253   5050
-
-    SmolLM2-like K=3072 cap=16 p=16     MB/row    N=1    N=4   N=16
-    dense F.linear + argmax               54.0   3503   3818   5664
-    greedy, stage1 float                   7.0    550   1133   2388
-    greedy, stage1 int8                    2.0    359    681   1519
-    greedy, stage1 int4                    1.2    333    586   1630
-    sample int8 (T=0.8, top_p=0.9)         2.0    591    924   2167
-    forward int8 (full-width logits)       2.0    431    695   1676
+* stage 1 ``"float"``: fp32 ``h @ Ct``, centroids stored pre-transposed ``[d, K]``;
+  ``"int8"``: per-centroid symmetric int8, activations quantized per row, ``torch._int_mm``
+  (exact int32 accumulation); ``"int4"``: the centroids minus their mean (scored exactly), int4
+  per group of 64 with a bf16 scale and zero, ``aten._weight_int4pack_mm_for_cpu`` with bf16
+  activations: half of int8's bytes, as fast at small batches, slower at N >= 16; its scores
+  come out rounded to bf16.  On other devices the quantized modes dequantize and matmul.
+* stage 2: fp32 rows on CPU go through a compiled fused gather + GEMV (``_kernels.py``) that
+  reads each probed row once, a batch's probes in cluster order; otherwise each row gathers its
+  clusters in ~1 MiB chunks into a reused buffer, one GEMV per chunk.
+* ``forward`` pays for its full-width tensor with the ``-inf`` fill; ``scatter_reduce(amax)``
+  is deterministic, and empty slots' ``-inf`` never hides a real logit.
 
 Batch invariance: stage 2 and the int8/int4 stage 1 compute each row independently; the
 fp32 stage 1 uses a GEMV for N=1 and a GEMM otherwise, which may differ in the last ulp,
