@@ -10,7 +10,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 2  # 2: adds ``stage1`` (the stage-1 precision the default setting is calibrated for)
+FORMAT_VERSION = 3  # 2: adds ``stage1`` (the stage-1 precision the default setting is calibrated for);
+#                     3: adds ``stage2`` (the head is exactly Q8_0, so stage 2 reads int8 rows)
 TENSORS_FILE = "index.safetensors"
 CONFIG_FILE = "flashhead.json"
 #: fields of IndexConfig that only inform (edits to them are allowed); all others are checksummed
@@ -34,6 +35,7 @@ class IndexConfig:
     always_ids: list[int]  # token ids scored at every step (EOS, ...)
     fingerprint: str  # of the head weights the index was built from
     stage1: str = "int8"  # default stage-1 precision (n_probes is calibrated for its bytes)
+    stage2: str = "float"  # "q8_0": the head is exactly int8 * fp16 scale per 32 weights (n_probes counts those bytes)
     model: str = ""  # human-readable name of that model, for error messages
     build: dict = field(default_factory=dict)  # parameters, calibration, objective, timings
     format_version: int = FORMAT_VERSION

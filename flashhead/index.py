@@ -34,12 +34,13 @@ from ._io import WouldOverwriteError, atomic_dir, sha256_file
 from .assets import (CONFIG_FILE, FORMAT_VERSION, INFORMATIONAL_FIELDS, TENSORS_FILE, AssetError,  # the format,
                      IndexConfig, checksum)  # also imported from here by callers
 from .cluster import balanced_kmeans
-from .head import STAGE1_MODES, stage1_nbytes
+from .head import Q8_BLOCK, STAGE1_MODES, q8_0_rows, stage1_nbytes
 from .validate import read_assets
 
 #: revision of the build defaults (cluster size, probe rule); 2: clusters of 2 below 131,072 tokens and
-#: probes filling the byte budget. Cached indexes are kept per revision, so new defaults build anew.
-DEFAULTS_REVISION = 2
+#: probes filling the byte budget; 3: Q8_0 heads are recorded (stage 2 reads int8 rows) and the probes
+#: are also capped at DEFAULT_ROWS_BUDGET. Cached indexes are kept per revision, so new defaults build anew.
+DEFAULTS_REVISION = 3
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -145,6 +146,10 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
 #: fewer probes are a speed choice (``n_probes``; ``flashhead eval`` shows the trade).
 DEFAULT_CONTAINMENT = 0.9995
 DEFAULT_BYTES_BUDGET = 0.10
+#: and at most this fraction of the vocabulary's rows scored in stage 2: with fp32 rows the bytes bind
+#: first; with Q8_0 rows (~3.8x fewer bytes each) this does, so the bytes saved become speed, not more
+#: probes (docs/fidelity.md, "Stage 2 in Q8_0")
+DEFAULT_ROWS_BUDGET = 0.10
 DEFAULT_FREQUENT = 64
 #: vocabularies below this size get small clusters and int4 stage 1 (see :func:`default_cluster_size`)
 SMALL_VOCAB = 131072
@@ -188,7 +193,9 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     select the S^(1/2) geometry (see the module docstring) and calibrate the default setting: the
     ``frequent`` tokens most often the dense argmax join ``always_ids``, and ``n_probes`` (unless
     given) is the most that fit DEFAULT_BYTES_BUDGET with stage 1 in ``stage1`` precision (default
-    :func:`default_stage1`); the probes reaching DEFAULT_CONTAINMENT on them and on each of the
+    :func:`default_stage1`) and stage 2 in the head's stored precision (``config.stage2``: "q8_0" when the
+    head is exactly int8 times an fp16 scale per 32 weights, else "float"), and DEFAULT_ROWS_BUDGET of its
+    rows; the probes reaching DEFAULT_CONTAINMENT on them and on each of the
     ``validation_states`` (hidden states of other texts, [n_i, d]) are recorded. Without hidden states
     ``n_probes`` defaults to K/32.
     """
@@ -230,6 +237,7 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
         x = torch.nn.functional.normalize(w, dim=1)
         geometry = "spherical (unit-norm rows)"
     t_map = time.perf_counter() - t0
+    stage2 = "q8_0" if q8_0_rows(weight[:num_tokens]) is not None else "float"  # int8 rows, exactly
     result = balanced_kmeans(x, k, cluster_size, iters=iters, seed=seed, progress=progress)
     del x
     t_cluster = time.perf_counter() - t0 - t_map
@@ -241,13 +249,14 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     defaults: dict = {"rule": "K/32 (no calibration states)"}
     if hidden_states is not None:
         always, p_cal, defaults = _calibrate_defaults(w, centroids, slots, [h, *validation_states], always, frequent,
-                                                      vocab, stage1)
+                                                      vocab, stage1, stage2)
         n_probes = p_cal if n_probes is None else n_probes
     elif n_probes is None:
         n_probes = default_probes(k)
     config = IndexConfig(
         vocab_size=vocab, num_tokens=num_tokens, hidden_size=hidden, num_clusters=k, cluster_size=cluster_size,
         n_probes=int(n_probes), always_ids=sorted(always), fingerprint=fingerprint(weight), stage1=stage1,
+        stage2=stage2,
         model=model_name,
         build={"seed": seed, "iters": iters, "geometry": geometry, "calibration": calibration or None,
                "objective": result.objective, "objective_history": result.history,
@@ -257,7 +266,8 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
 
 
 def _calibrate_defaults(w: torch.Tensor, centroids: torch.Tensor, slots: torch.Tensor, sets: list[torch.Tensor],
-                        always: set[int], frequent: int, vocab: int, stage1: str) -> tuple[set[int], int, dict]:
+                        always: set[int], frequent: int, vocab: int, stage1: str, stage2: str
+                        ) -> tuple[set[int], int, dict]:
     """Always-scored ids (from the first set of calibration states), the default probe count (the byte
     budget's) and what each set of states needs for DEFAULT_CONTAINMENT (recorded, see above)."""
     k, cap = slots.shape
@@ -277,11 +287,16 @@ def _calibrate_defaults(w: torch.Tensor, centroids: torch.Tensor, slots: torch.T
         ranks.append(rank)
     needs = [int(r.sort().values[math.ceil(DEFAULT_CONTAINMENT * len(r)) - 1]) + 1 for r in ranks]
     need = max(needs)
-    # bytes per step / dense fp32 bytes: stage 1 + fp32 rows and int64 ids of the candidates
+    # bytes per step / dense fp32 bytes: stage 1 + the candidates' rows (fp32, or int8 + fp16 scales) and int64 ids
     room = DEFAULT_BYTES_BUDGET * vocab * d * 4 - stage1_nbytes(k, d, stage1)
-    p_max = max(1, min(k, int((room / (4 * d + 8) - len(always)) // cap)))
+    row = d + d // Q8_BLOCK * 2 if stage2 == "q8_0" else 4 * d
+    p_bytes = int((room / (row + 8) - len(always)) // cap)
+    p_rows = int((DEFAULT_ROWS_BUDGET * vocab - len(always)) // cap)
+    p_max = max(1, min(k, p_bytes, p_rows))
     return always, p_max, {
-        "rule": f"the most probes within {DEFAULT_BYTES_BUDGET:.0%} of the dense head's bytes with {stage1} stage 1",
+        "rule": f"the most probes within {DEFAULT_BYTES_BUDGET:.0%} of the dense head's bytes with {stage1} stage 1 "
+                f"and {stage2} rows, and {DEFAULT_ROWS_BUDGET:.0%} of its rows",
+        "probes_max_in_bytes": p_bytes, "probes_max_in_rows": p_rows,
         "frequent_argmax_ids": common, "probes_needed": need, "probes_needed_per_text": needs,
         "probes_needed_containment": DEFAULT_CONTAINMENT, "probes_max_in_budget": p_max,
         "calibration_containment_at_default": [float((r < p_max).float().mean()) for r in ranks]}

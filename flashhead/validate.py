@@ -88,6 +88,8 @@ def _read_config(folder: Path) -> tuple[IndexConfig, str | None]:
         raise _fail(folder, "fingerprint must be a string")
     if raw.get("stage1", "int8") not in STAGE1_MODES:
         raise _fail(folder, f"stage1 must be one of {', '.join(STAGE1_MODES)}, got {raw['stage1']!r}")
+    if raw.get("stage2", "float") not in ("float", "q8_0"):
+        raise _fail(folder, f"stage2 must be 'float' or 'q8_0', got {raw['stage2']!r}")
     digest = raw.pop("checksum", None)
     if digest is not None and (not isinstance(digest, str) or not _CHECKSUM.fullmatch(digest)):
         raise _fail(folder, f"checksum must be 'sha256:' and 64 hex digits, got {digest!r}")

@@ -56,10 +56,45 @@ def test_remove_restores_exact_dense(smollm2, smol_index):
 
 
 def test_head_memory_is_not_doubled(patched):
+    """SmolLM2's head is Q8_0 in its GGUF: the head and the tied embedding share ONE int8 storage (and its
+    scales), and no float copy of the head stays (the embedding's weight parameter is gone too)."""
     model, _, head = patched
-    emb = model.get_input_embeddings().weight
-    assert head.rows.data_ptr() == emb.data_ptr()  # one storage, shared with the embedding
-    assert "lm_head.weight" not in dict(model.named_parameters())
+    emb = model.get_input_embeddings()
+    assert head.rows.dtype == torch.int8 and head.row_scales is not None
+    assert head.rows.data_ptr() == emb.rows.data_ptr() and head.row_scales.data_ptr() == emb.scales.data_ptr()
+    names = dict(model.named_parameters())
+    assert "lm_head.weight" not in names and not any(n.endswith("embed_tokens.weight") for n in names)
+
+
+def test_q8_embedding_and_logits_equal_the_float_head(smollm2, smol_index, smol_states):
+    """The int8 stage 2 against the fp32 head on real hidden states (Emma): every candidate logit within
+    float rounding, the same greedy tokens as the float rows, and the tied embedding's output bit for bit."""
+    model, tok = smollm2
+    ids = tok(PROMPTS, return_tensors="pt", padding=True).input_ids
+    h = smol_states[:256]
+    with torch.no_grad():
+        emb_dense = model.get_input_embeddings()(ids)
+        ref = dense_logits(model, h)
+    head_f = apply(model, smol_index, stage2="float")
+    try:
+        cl = head_f.select_clusters(h)
+        ids_f, logits_f = head_f.candidates(h, cl)
+        greedy_f = head_f.greedy(h)
+    finally:
+        remove(model)
+    head = apply(model, smol_index)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.get_input_embeddings()(ids), emb_dense)
+        ids_8, logits_8 = head.candidates(h, cl)
+        assert torch.equal(ids_8, ids_f) and torch.equal(head.greedy(h), greedy_f)
+        fin = torch.isfinite(logits_f)
+        assert torch.equal(fin, torch.isfinite(logits_8))
+        # float rounding (measured ~1e-5 on logits up to ~30), not a quantization error (~1e-2)
+        assert float((logits_8 - logits_f).abs()[fin].max()) < 1e-4
+        assert torch.equal(dense_logits(model, h), ref)
+    finally:
+        remove(model)
 
 
 def test_batched_equals_per_row(patched, smol_states):
@@ -67,7 +102,8 @@ def test_batched_equals_per_row(patched, smol_states):
     h = smol_states[:64]
     for stage1 in ("int8", "int4"):
         head_q = type(head)(head.rows, head.slot_token, head.centroids, out_features=head.out_features,
-                            n_probes=head.n_probes, always_ids=head.always_ids, stage1=stage1)
+                            n_probes=head.n_probes, always_ids=head.always_ids, stage1=stage1,
+                            row_scales=head.row_scales)
         batched = head_q.greedy(h)
         assert torch.equal(batched, torch.cat([head_q.greedy(h[i:i + 1]) for i in range(h.shape[0])]))
 
@@ -132,7 +168,7 @@ def test_quantized_stage1_ranks_best_cluster_first(patched, smol_states, stage1)
 
     def like(mode):
         return FlashHead(head.rows, head.slot_token, head.centroids, out_features=head.out_features,
-                         n_probes=head.n_probes, always_ids=head.always_ids, stage1=mode)
+                         n_probes=head.n_probes, always_ids=head.always_ids, stage1=mode, row_scales=head.row_scales)
 
     best = like("float").stage1_scores(smol_states).argmax(1)
     scores = like(stage1).stage1_scores(smol_states)

@@ -2,7 +2,9 @@
 
 ``apply(model, index)`` lays the head rows out cluster by cluster in ONE tensor that replaces the
 head weight; for models that tie the head to the input embedding (both built-in models do), the
-embedding uses that same tensor through an id -> slot map, so the head's memory is not doubled.
+embedding uses that same tensor through an id -> slot map, so the head's memory is not doubled. A head
+that is exactly Q8_0 (dequantized from a GGUF) is kept as its int8 rows and fp16 scales only, and a tied
+embedding looks its tokens up there (docs/design.md, "Memory").
 ``model.lm_head`` becomes a :class:`FlashHead`, which returns full-width logits that are -inf outside
 the candidates, so ``generate()``, its logits processors and warpers keep working unchanged;
 ``generate()`` already projects only each sequence's last position at prefill. For sampled
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..data import DEFAULT_CALIBRATION_TEXTS
-from ..head import FlashHead
+from ..head import FlashHead, q8_0_dequantize, q8_0_rows
 from ..index import DEFAULTS_REVISION, FORMAT_VERSION, FlashHeadIndex, build_index, check_save_target
 from ..models import head_weight
 
@@ -155,12 +157,75 @@ def _remap_ids(slot_of: torch.Tensor, module, args):
     return (slot_of[args[0]],) + tuple(args[1:])
 
 
-def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: str | None = None) -> FlashHead:
+def slot_map(index: FlashHeadIndex) -> torch.Tensor:
+    """``[vocab_size]`` row of each token id in :func:`cluster_layout`'s storage: its slot ``k * cap + j``;
+    rows past ``num_tokens`` (embedding padding) come after the ``K * cap`` slots, in order."""
+    c = index.config
+    k, cap = c.num_clusters, c.cluster_size
+    slot_of = torch.empty(c.vocab_size, dtype=torch.long)
+    filled = index.slot_token >= 0
+    slot_of[index.slot_token[filled]] = torch.arange(k * cap).view(k, cap)[filled]
+    slot_of[c.num_tokens:] = torch.arange(k * cap, k * cap + c.vocab_size - c.num_tokens)
+    return slot_of
+
+
+def cluster_layout(index: FlashHeadIndex, x: torch.Tensor) -> torch.Tensor:
+    """A per-token tensor ``x [vocab_size, ...]`` (head rows, their int8 values or scales) in cluster order:
+    ``[K * cap + padding rows, ...]``, zeros in empty slots; ``[: K * cap]`` views as ``[K, cap, ...]``."""
+    c = index.config
+    out = x.new_zeros(c.num_clusters * c.cluster_size + c.vocab_size - c.num_tokens, *x.shape[1:])
+    return out.index_copy_(0, slot_map(index), x.detach())
+
+
+class _Q8Embedding(torch.nn.Module):
+    """The input embedding of a tied model whose head FlashHead reads as Q8_0 rows: it looks tokens up in
+    those same int8 rows and scales (through the id -> slot map), dequantizes them (exact) and applies the
+    original module's ``embed_scale`` when it has one (transformers' scaled word embeddings). :func:`apply`
+    uses it only after checking that it gives the original module's output bit for bit."""
+
+    def __init__(self, original: torch.nn.Module, rows: torch.Tensor, scales: torch.Tensor, slot_of: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = slot_of.numel(), rows.shape[1]
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("slot_of", slot_of, persistent=False)
+        scale = getattr(original, "embed_scale", None)
+        self.register_buffer("embed_scale", None if scale is None else scale.detach().clone(), persistent=False)
+        self.out_dtype = dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        slots = self.slot_of[input_ids]
+        out = q8_0_dequantize(self.rows[slots], self.scales[slots], self.out_dtype)
+        return out if self.embed_scale is None else out * self.embed_scale.to(self.out_dtype)
+
+
+def _q8_embedding(model, rows: torch.Tensor, scales: torch.Tensor, slot_of: torch.Tensor) -> _Q8Embedding | None:
+    """A :class:`_Q8Embedding` for ``model``'s input embedding, or None when it does not reproduce the original
+    module's output bit for bit on ~1,000 ids spread over the vocabulary (an embedding that does more than a
+    lookup times a scale)."""
+    original = model.get_input_embeddings()
+    if getattr(original, "max_norm", None) is not None:
+        return None
+    emb = _Q8Embedding(original, rows, scales, slot_of, original.weight.dtype)
+    V = slot_of.numel()
+    ids = torch.unique(torch.cat([torch.arange(0, V, max(1, V // 1024)), torch.tensor([V - 1])])).view(1, -1)
+    with torch.no_grad():
+        same = torch.equal(emb(ids), original(ids))
+    return emb if same else None
+
+
+def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: str | None = None,
+          stage2: str | None = None, quantize_activations: bool = False) -> FlashHead:
     """Replace ``model``'s head by FlashHead, in place; returns the head. Undo with :func:`remove`.
 
     ``n_probes`` and ``stage1`` (centroid precision: ``"int8"``, ``"int4"`` or ``"float"``) default to
-    the index's calibrated setting; stage 2 always runs in the model dtype, so the logits of the
-    candidates are exact.
+    the index's calibrated setting. ``stage2``: ``"q8_0"`` reads the head rows as int8 plus one fp16 scale
+    per 32 weights (GGUF's Q8_0), which needs a head that is exactly that in fp32 (dequantized from a
+    Q8_0 GGUF); ``"float"`` reads them in the model dtype; None (default): ``"q8_0"`` when the index
+    records a Q8_0 head and this copy of it still is one, else ``"float"``. Either way the candidates'
+    logits are the dense head's up to float rounding. ``quantize_activations`` (Q8_0 only): score as
+    llama.cpp's Q8_0 head product does (:class:`FlashHead`).
     """
     if not isinstance(index, FlashHeadIndex):
         raise TypeError(f"index must be a FlashHeadIndex, got {type(index).__name__}; "
@@ -170,36 +235,63 @@ def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: 
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError("models with final_logit_softcapping are not supported: the soft cap would turn the -inf "
                          "logits outside the candidates into finite ones")
+    if stage2 not in (None, "float", "q8_0"):
+        raise ValueError(f"stage2 must be 'q8_0', 'float' or None (the index's, when this head allows), got {stage2!r}")
     weight = head_weight(model)
     index.check_weight(weight)
+    q8 = q8_0_rows(weight) if stage2 == "q8_0" or (stage2 is None and index.config.stage2 == "q8_0") else None
+    if q8 is None and stage2 == "q8_0":
+        raise ValueError(f"stage2='q8_0' needs a head that is exactly Q8_0 (int8 times an fp16 scale per 32 weights, "
+                         f"in fp32); this {weight.dtype} head is not: use stage2='float'")
+    if quantize_activations and q8 is None:
+        raise ValueError("quantize_activations needs Q8_0 rows (stage2='q8_0' and a Q8_0 head)")
     tied = _tied(model)
     c = index.config
-    k, cap = c.num_clusters, c.cluster_size
-    # One storage: K*cap cluster slots, then the rows that are not tokens (embedding padding).
-    slot_of = torch.empty(c.vocab_size, dtype=torch.long)
-    filled = index.slot_token >= 0
-    slot_of[index.slot_token[filled]] = torch.arange(k * cap).view(k, cap)[filled]
-    slot_of[c.num_tokens:] = torch.arange(k * cap, k * cap + c.vocab_size - c.num_tokens)
-    storage = weight.new_zeros(k * cap + c.vocab_size - c.num_tokens, c.hidden_size)
-    storage.index_copy_(0, slot_of, weight.detach())
-    rows = storage[: k * cap].view(k, cap, c.hidden_size)
+    k, cap, d = c.num_clusters, c.cluster_size, c.hidden_size
+    slot_of = slot_map(index)
+    storage = scales = emb = None
+    if q8 is not None:
+        storage, scales = cluster_layout(index, q8[0]), cluster_layout(index, q8[1])
+        del q8
+        emb = _q8_embedding(model, storage, scales, slot_of) if tied else None
+        if tied and emb is None:  # an embedding that is not a plain lookup: keep the float rows
+            if stage2 == "q8_0":
+                raise ValueError("stage2='q8_0' on a tied head needs an input embedding that is a plain lookup "
+                                 "(times a scale); this one is not: use stage2='float'")
+            storage = scales = None
+    if storage is None:  # float rows in the model dtype: one storage, shared with a tied embedding
+        storage = cluster_layout(index, weight)
+    rows = storage[: k * cap].view(k, cap, d)
     head = FlashHead(rows, index.slot_token, index.centroids, out_features=c.vocab_size,
                      n_probes=c.n_probes if n_probes is None else n_probes,
                      always_ids=torch.tensor(c.always_ids, dtype=torch.long),
-                     stage1=c.stage1 if stage1 is None else stage1)
+                     stage1=c.stage1 if stage1 is None else stage1,
+                     row_scales=None if scales is None else scales[: k * cap].view(k, cap, -1),
+                     quantize_activations=quantize_activations)
     original = model.get_output_embeddings()
     state = {"head": head, "index": index, "original": original, "tied": tied, "slot_of": slot_of,
-             "storage": storage, "hook": None}
+             "storage": storage, "scales": scales, "dtype": weight.dtype, "hook": None, "embedding": None}
     del original.weight  # drop the dense copy: FlashHead's storage now holds these rows
     model.set_output_embeddings(head)
-    if tied:
-        emb = model.get_input_embeddings()
-        emb.weight = torch.nn.Parameter(storage, requires_grad=False)
-        state["hook"] = emb.register_forward_pre_hook(functools.partial(_remap_ids, slot_of))
+    if tied and scales is not None:  # the int8 rows serve the embedding too: no float copy stays
+        state["embedding"] = model.get_input_embeddings()
+        del state["embedding"].weight
+        model.set_input_embeddings(emb)
+    elif tied:
+        inp = model.get_input_embeddings()
+        inp.weight = torch.nn.Parameter(storage, requires_grad=False)
+        state["hook"] = inp.register_forward_pre_hook(functools.partial(_remap_ids, slot_of))
     model._flashhead = state
     model.generate = functools.partial(_generate, model)
     model.save_pretrained = functools.partial(save_pretrained, model)
     return head
+
+
+def _float_rows(state: dict, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """Storage rows in the model dtype: the float storage itself, or the Q8_0 rows dequantized (exact)."""
+    if state["scales"] is None:
+        return state["storage"][rows]
+    return q8_0_dequantize(state["storage"][rows], state["scales"][rows], state["dtype"])
 
 
 def remove(model) -> None:
@@ -207,11 +299,14 @@ def remove(model) -> None:
     state = getattr(model, "_flashhead", None)
     if state is None:
         raise ValueError("this model does not use FlashHead (nothing to remove)")
-    weight = torch.nn.Parameter(state["storage"][state["slot_of"]], requires_grad=False)
+    weight = torch.nn.Parameter(_float_rows(state, state["slot_of"]), requires_grad=False)
     original = state["original"]
     original.weight = weight
     model.set_output_embeddings(original)
-    if state["tied"]:
+    if state["embedding"] is not None:
+        state["embedding"].weight = weight
+        model.set_input_embeddings(state["embedding"])
+    elif state["tied"]:
         state["hook"].remove()
         model.get_input_embeddings().weight = weight
     for attr in ("generate", "save_pretrained"):
@@ -228,13 +323,17 @@ def flashhead_of(model) -> FlashHead | None:
 def dense_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Exact dense logits [..., V] (float32) of ``model``'s head, whether FlashHead is applied or not.
 
-    The reference every fidelity figure is measured against; no second copy of the head is made.
+    The reference every fidelity figure is measured against; no second copy of the head is kept (Q8_0
+    rows are dequantized ~64k rows at a time).
     """
     state = getattr(model, "_flashhead", None)
     if state is None:
         return (hidden.to(head_weight(model).dtype) @ head_weight(model).T).float()
-    storage = state["storage"]
-    return (hidden.to(storage.dtype) @ storage.T)[..., state["slot_of"]].float()
+    h = hidden.to(state["dtype"])
+    n = state["storage"].shape[0]
+    step = n if state["scales"] is None else 65536
+    out = torch.cat([h @ _float_rows(state, slice(a, a + step)).T for a in range(0, n, step)], -1)
+    return out[..., state["slot_of"]].float()
 
 
 def _generate(model, *args, **kwargs):
@@ -256,13 +355,15 @@ def _generate(model, *args, **kwargs):
 def save_pretrained(model, folder: str | Path, **kwargs) -> None:
     """Save the model's original weights and, in ``folder/flashhead``, its FlashHead assets."""
     state = model._flashhead
-    index, n_probes, stage1 = state["index"], state["head"].n_probes, state["head"].stage1
+    head, index = state["head"], state["index"]
+    setting = dict(n_probes=head.n_probes, stage1=head.stage1, stage2="float" if state["scales"] is None else "q8_0",
+                   quantize_activations=head.quantize_activations)
     remove(model)
     try:
         model.save_pretrained(folder, **kwargs)
         index.save(Path(folder) / ASSETS_SUBDIR)
     finally:
-        apply(model, index, n_probes=n_probes, stage1=stage1)
+        apply(model, index, **setting)
 
 
 def from_pretrained(folder: str | Path, dtype: torch.dtype | str = torch.float32, **apply_kwargs):
