@@ -74,7 +74,7 @@ def _flashhead_configs(head, index, st: Settings) -> tuple[list[HeadConfig], dic
             variants.append((s0, p))
     for s, p in variants:
         fh = FlashHead(head.rows, head.slot_token, index.centroids, out_features=V, n_probes=p,
-                       always_ids=head.always_ids, stage1=s)
+                       always_ids=head.always_ids, stage1=s, row_scales=head.row_scales)  # Q8_0 rows: their scales
         name = f"flashhead-{s}" + ("" if p == p0 else f"-p{p}")
         heads[name] = fh
         fixed = stage1_nbytes(K, d, s)  # centroids: read once per step, shared by the batch
