@@ -6,7 +6,7 @@ exactly ``cap`` slots each and minimises the plain k-means objective
 ``w`` to ``S^(1/2) w`` with ``S = E[h h^T]``, so the objective is the expected squared
 logit error ``E[(h . (w_i - c_w))^2]``); here it is plain squared L2.
 
-Algorithm (chosen by measurement, ``benchmarks/cluster_lab.py``)
+Algorithm (chosen by measurement, ``labs/cluster_lab.py``)
 ----------------------------------------------------------------
 Lloyd iterations whose assignment step is an (eps-)optimal capacity-constrained
 assignment, made affordable by solving it inside groups of ``group_clusters`` (256)
@@ -44,9 +44,9 @@ relaxation: 128 -> 2.903, 256 -> 2.890, 512 -> 2.883, 1024 -> 2.877) at proporti
 
 Measured (2 CPU cores, torch threads = 2, default arguments).  Wall time of the clustering
 (map + k-means + centroids) and peak memory of the whole build above the loaded model:
-``benchmarks/build_speed.py`` (idle machine, seed 0).  Objective and top-1 containment of the
+``labs/build_speed.py`` (idle machine, seed 0).  Objective and top-1 containment of the
 dense argmax token in the top-p clusters (float centroid scores, 4096 held-out positions of
-Emma, S from Pride and Prejudice; mean of seeds 0-2): ``benchmarks/cluster_lab.py``:
+Emma, S from Pride and Prejudice; mean of seeds 0-2): ``labs/cluster_lab.py``:
 
     model (n, d, K)                   wall    peak extra  objective  p=32  p=64  p=128 p=256 p=512 p=1024
     SmolLM2-135M (49152, 576, 3072)     7.1 s  591 MB      2.857      93.3  96.2  97.8  99.3  99.9  99.97
@@ -96,7 +96,7 @@ class Clustering:
     history: list[float]
 
 
-# Tuned defaults (see the module docstring).  ``benchmarks/cluster_lab.py`` overrides them
+# Tuned defaults (see the module docstring).  ``labs/cluster_lab.py`` overrides them
 # through ``_balanced_kmeans(..., **knobs)``; they are not public API.
 _DEFAULTS = dict(
     group_clusters=256,  # clusters per group; a row is assigned among its group's clusters

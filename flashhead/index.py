@@ -161,7 +161,7 @@ def default_cluster_size(num_tokens: int) -> int:
     At a fixed byte budget, smaller clusters rank the dense argmax's cluster better: on SmolLM2 at
     10% of the dense bytes with int4 stage 1 the dense argmax's cluster is probed on 99.32-99.78% of
     held-out positions with clusters of 16, 99.80-100% with 4 and 99.98-100% with 2
-    (``benchmarks/budget_lab.py``, docs/fidelity.md). Their cost is stage-1 work: K = V/2 centroids.
+    (``labs/budget_lab.py``, docs/fidelity.md). Their cost is stage-1 work: K = V/2 centroids.
     For Gemma (262k tokens) that would be 131,072 centroids to score and rank per step (in int8 more
     bytes than the whole budget), and clusters of 16 meet the target there.
     """

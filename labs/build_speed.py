@@ -1,6 +1,6 @@
 """Build time and peak memory of `flashhead build` on the built-in models (one fresh process each).
 
-    python benchmarks/build_speed.py [--models smollm2-135m gemma3-270m] [--threads 2] [--json]
+    python labs/build_speed.py [--models smollm2-135m gemma3-270m] [--threads 2] [--json]
 
 Each model is built in its own subprocess: load the model (weights copied into anonymous memory),
 reset the peak-RSS counter (Linux ``/proc/self/clear_refs``), then time the two parts of a build:

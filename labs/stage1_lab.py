@@ -21,7 +21,7 @@ Stage 2 (exact logits for the p*cap candidate rows) candidates:
 and the cost of scattering the candidates into the full-width -inf tensor; ``--only e2e``
 times whole ``FlashHead`` calls against the dense head.
 
-Run:  ``.venv/bin/python benchmarks/stage1_lab.py [--quick] [--cold] [--threads 1]
+Run:  ``.venv/bin/python labs/stage1_lab.py [--quick] [--cold] [--threads 1]
 [--only stage1|stage2|e2e]``.  The tables in ``flashhead/head.py`` come from
 ``--threads 1 --cold`` (``--quick`` for stage 2 and e2e).
 Prints markdown tables (p10 microseconds per call, see ``_time_us``).

@@ -1,6 +1,6 @@
 """Lab (not part of the library): cluster size and stage-1 precision at a fixed byte budget.
 
-    python benchmarks/budget_lab.py smollm2-135m [--sizes 16 8 4 3 2] [--stage1 int4 int8] [--seed 0]
+    python labs/budget_lab.py smollm2-135m [--sizes 16 8 4 3 2] [--stage1 int4 int8] [--seed 0]
 
 For each cluster size it builds an index (geometry from 4,096 positions of Pride and Prejudice, seed
 --seed, the always-scored ids of the default build), and for each stage-1 precision takes the largest

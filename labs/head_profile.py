@@ -14,8 +14,8 @@ Two reports:
   buffer of 1/2/4 MiB, the chunked loop forced onto one intra-op thread, and the compiled fused
   gather + GEMV kernel (``flashhead/_kernels.py``) that the head uses for fp32 rows.
 
-Run:  ``.venv/bin/python benchmarks/head_profile.py insitu gemma3-270m --batch 1 --threads 2 [--parts]``
-      ``.venv/bin/python benchmarks/head_profile.py stage2 gemma3-270m --batches 1 8 64 --threads 1``
+Run:  ``.venv/bin/python labs/head_profile.py insitu gemma3-270m --batch 1 --threads 2 [--parts]``
+      ``.venv/bin/python labs/head_profile.py stage2 gemma3-270m --batches 1 8 64 --threads 1``
 """
 
 from __future__ import annotations
