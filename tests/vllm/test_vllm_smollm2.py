@@ -1,12 +1,22 @@
-"""SmolLM2-135M served by stock vLLM with flashhead's plugin: one engine for the whole module."""
+"""SmolLM2-135M served by stock vLLM with flashhead's plugin: one engine for the whole module.
+
+The transformers integration on the same folder is the reference; it runs first (one model in memory
+at a time) and leaves only tokens and a few logits behind.
+"""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
-from vllm_helpers import engine, export, real_prompts, reference
+import torch
+from vllm_helpers import engine, export, greedy_reference, head_facts, real_prompts, reference_model
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
+SAMPLE_PROMPT = "Here is a list of random English words: apple, river, window,"
+SAMPLES = 3000
+TEMPERATURE = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -15,27 +25,119 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(folder):
-    """The transformers integration's greedy tokens (computed before the engine starts: one model at a time)."""
-    return reference(folder, real_prompts(), NEW_TOKENS)
+def ref(folder):
+    """What the transformers integration does on the folder: greedy tokens of the real prompts, and for
+    SAMPLE_PROMPT's next token the candidates, the dense logits and SAMPLES draws of FlashHead's sampler."""
+    from flashhead.integrations.transformers import dense_logits, flashhead_of
+
+    torch.set_num_threads(1)
+    model, tok = reference_model(folder)
+    out = {"greedy": greedy_reference(model, tok, real_prompts(), NEW_TOKENS)}
+    with torch.inference_mode():
+        ids = tok(SAMPLE_PROMPT, return_tensors="pt").input_ids
+        h = model.base_model(input_ids=ids).last_hidden_state[:, -1]
+        head = flashhead_of(model)
+        cand, _ = head.candidates(h, head.select_clusters(h))
+        out["candidates"] = set(cand[cand >= 0].tolist())
+        out["dense"] = dense_logits(model, h)[0]
+        gen = torch.Generator().manual_seed(0)
+        out["samples"] = head.sample(h.expand(SAMPLES, -1), temperature=TEMPERATURE, generator=gen).tolist()
+    del model, head
+    gc.collect()
+    return out
 
 
 @pytest.fixture(scope="module")
-def llm(folder, expected):
+def llm(folder, ref):
     with engine(folder) as llm:
         yield llm
 
 
-def test_the_plugin_serves_the_folder(llm):
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    assert type(model).__name__ == "FlashHeadLlamaForCausalLM"
-    head = model.flashhead.head
-    assert head.K == 24576 and head.cap == 2 and head.stage1 == "int4"
+def _tokens(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def test_greedy_tokens_equal_the_transformers_integration(llm, expected):
+def test_the_plugin_serves_the_folder(llm, folder):
+    import json
+
+    [facts] = llm.apply_model(head_facts)
+    block = json.loads((folder / "config.json").read_text())["flashhead"]
+    assert facts["arch"] == "FlashHeadLlamaForCausalLM" and facts["vocab"] == 49152
+    assert (facts["K"], facts["cap"], facts["n_probes"], facts["stage1"]) == (24576, 2, block["n_probes"], "int4")
+
+
+def test_greedy_tokens_equal_the_transformers_integration(llm, ref):
     from vllm import SamplingParams
 
     out = llm.generate(real_prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
-    got = [list(o.outputs[0].token_ids) for o in out]
-    assert got == expected
+    assert _tokens(out) == ref["greedy"]
+
+
+def _chi2_pvalue(a: list[int], b: list[int], bins: list) -> float:
+    """Two-sample chi-square test of homogeneity over ``bins`` (lists of token ids, plus 'the rest')."""
+    table = torch.zeros(2, len(bins) + 1, dtype=torch.float64)
+    for row, draws in enumerate((a, b)):
+        where = {t: i for i, ids in enumerate(bins) for t in ids}
+        for t in draws:
+            table[row, where.get(t, len(bins))] += 1
+    table = table[:, table.sum(0) > 0]
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    stat = ((table - expected) ** 2 / expected).sum()
+    df = table.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def test_sampled_tokens_follow_the_transformers_integrations_distribution(llm, ref):
+    """vLLM's sampler on the plugin's logits draws from FlashHead's sampling distribution: the candidates'
+    exact softmax plus the tail cluster carrying the unprobed clusters' mass (so tokens outside the
+    candidates are drawn, as often as the transformers integration draws them)."""
+    from vllm import SamplingParams
+
+    out = llm.generate([SAMPLE_PROMPT] * SAMPLES, SamplingParams(max_tokens=1, temperature=TEMPERATURE),
+                       use_tqdm=False)
+    got = [o.outputs[0].token_ids[0] for o in out]
+    want = ref["samples"]
+    cand = ref["candidates"]
+    tail_got, tail_want = (sum(t not in cand for t in x) for x in (got, want))
+    assert tail_want >= 20, "the prompt should put a measurable mass outside the candidates"
+    assert tail_got >= 0.5 * tail_want, (tail_got, tail_want)
+    counts = torch.bincount(torch.tensor(want), minlength=ref["dense"].numel())
+    frequent = [[t] for t in counts.argsort(descending=True)[:40].tolist() if counts[t] >= 10]
+    bins = frequent + [sorted(cand - {t for [t] in frequent})]  # each frequent token; other candidates; tail
+    assert _chi2_pvalue(got, want, bins) > 1e-3
+
+
+def test_mixed_batch_of_greedy_sampled_and_constrained_requests(llm, ref):
+    """One batch: greedy rows, seeded sampled rows (same tokens as alone), allowed_token_ids outside the
+    candidates (scored exactly), a grammar (masks every candidate: dense fallback), logprobs (dense row)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    prompts = real_prompts()
+    outside = [t for t in ref["dense"].argsort(descending=True)[3000:3200].tolist() if t not in ref["candidates"]][:5]
+    choices = ["zebra crossing", "xylophone music"]
+    batch = [
+        (prompts[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)),
+        (prompts[1], SamplingParams(max_tokens=16, temperature=0.8, seed=1)),
+        (prompts[2], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)),
+        (prompts[3], SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, top_k=50, seed=2)),
+        (SAMPLE_PROMPT, SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=outside)),
+        (prompts[0], SamplingParams(max_tokens=8, temperature=0.0,
+                                    structured_outputs=StructuredOutputsParams(choice=choices))),
+        (SAMPLE_PROMPT, SamplingParams(max_tokens=1, temperature=0.0, logprobs=3)),
+    ]
+    [before] = llm.apply_model(head_facts)
+    out = llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)
+    [after] = llm.apply_model(head_facts)
+    got = _tokens(out)
+    assert got[0] == ref["greedy"][0] and got[2] == ref["greedy"][2]
+    alone = _tokens(llm.generate([batch[1][0], batch[3][0]], [batch[1][1], batch[3][1]], use_tqdm=False))
+    assert [got[1], got[3]] == alone
+    dense = ref["dense"]
+    assert got[4] == [max(outside, key=lambda t: dense[t])]
+    assert out[5].outputs[0].text in choices
+    assert after["dense_fallbacks"] > before["dense_fallbacks"]  # the grammar left no candidate at some step
+    top = out[6].outputs[0].logprobs[0]
+    best = int(dense.argmax())
+    assert got[6] == [best] and set(top) >= {best}
+    assert abs(top[best].logprob - float(dense.log_softmax(0)[best])) < 1e-3

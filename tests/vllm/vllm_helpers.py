@@ -33,20 +33,21 @@ def export(model: str, out: Path) -> Path:
     return export_folder(local_dir(model, verbose=False), out, index)
 
 
-def reference(folder: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of the transformers integration on the servable folder (its flashhead/ index)."""
-    import torch
+def reference_model(folder: Path):
+    """The transformers integration on the servable folder: its flashhead/ index at the folder's setting."""
+    import json
 
-    from flashhead.decode import generate
     from flashhead.integrations.transformers import from_pretrained
 
-    torch.set_num_threads(1)
-    model, tok = from_pretrained(folder)
-    try:
-        return [generate(model, tok, [p], max_new_tokens=new_tokens).token_ids[0] for p in prompts]
-    finally:
-        del model
-        gc.collect()
+    block = json.loads((folder / "config.json").read_text())["flashhead"]
+    return from_pretrained(folder, n_probes=block["n_probes"], stage1=block["stage1"])
+
+
+def greedy_reference(model, tok, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of the transformers integration, one prompt at a time (no padding)."""
+    from flashhead.decode import generate
+
+    return [generate(model, tok, [p], max_new_tokens=new_tokens).token_ids[0] for p in prompts]
 
 
 @contextmanager
@@ -62,3 +63,12 @@ def engine(folder: Path, **kwargs):
         del llm
         cleanup_dist_env_and_memory()
         gc.collect()
+
+
+def head_facts(model) -> dict:
+    """What a worker's model serves (run with ``LLM.apply_model``)."""
+    fh = model.flashhead
+    head = fh.head
+    return {"arch": type(model).__name__, "K": head.K, "cap": head.cap, "stage1": head.stage1,
+            "n_probes": head.n_probes, "rows_bytes": head.rows.numel() * head.rows.element_size(),
+            "vocab": fh.vocab, "dense_fallbacks": fh.dense_fallbacks}

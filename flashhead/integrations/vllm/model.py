@@ -67,6 +67,7 @@ class ServedHead:
         self._flat = head.rows.view(-1, head.d)  # [K*cap, d], the one copy of the head rows
         self._no_slot = head.token_slot < 0  # tokens without a row (beyond the tokenizer)
         self._slot = head.token_slot.clamp(min=0)
+        self.dense_fallbacks = 0  # rows recomputed densely because the masks left no candidate
 
     @classmethod
     def for_model(cls, model, vllm_config) -> ServedHead:
@@ -162,6 +163,7 @@ class ServedHead:
             row = logits[r]
             outside = row <= SENTINEL / 2
             if bool(outside.all()):
+                self.dense_fallbacks += 1
                 left = row > _NEG_INF
                 dense = self._vllm_scale(self.dense(h[r : r + 1]))[0]
                 logits[r] = torch.where(left, dense, _NEG_INF)
