@@ -7,8 +7,10 @@ centroid per cluster, and at each decode step
 
 1. *stage 1* scores the ``K`` centroids (``h . c_k``, optionally with int8/int4 centroids)
    and keeps the top ``p = n_probes`` clusters;
-2. *stage 2* computes exact logits, in the model dtype, for the ``p * cap`` rows of those
-   clusters plus a few always-scored ids (e.g. EOS).  Stage 2 is never quantized.
+2. *stage 2* computes exact logits for the ``p * cap`` rows of those clusters plus a few
+   always-scored ids (e.g. EOS), at the head's own precision: float rows in the model dtype, or a
+   Q8_0 head's own int8 blocks (optionally with Q8_0 activations, as llama.cpp computes its head).
+   Stage 2 adds no quantization of its own.
 3. *sampling* (temperature ``T``) draws from the exact softmax over those candidates plus a
    *tail*: every unprobed cluster ``k`` gets an estimated probability mass
    ``n_k exp(s_k / T + g)`` (``n_k`` tokens, centroid score ``s_k``), where the per-step
@@ -31,9 +33,9 @@ Kernels, each chosen by measurement on CPU (tables and labs: docs/kernels.md):
   per group of 64 with a bf16 scale and zero, ``aten._weight_int4pack_mm_for_cpu`` with bf16
   activations: half of int8's bytes, as fast at small batches, slower at N >= 16; its scores
   come out rounded to bf16.  On other devices the quantized modes dequantize and matmul.
-* stage 2: fp32 rows on CPU go through a compiled fused gather + GEMV (``_kernels.py``) that
-  reads each probed row once, a batch's probes in cluster order; otherwise each row gathers its
-  clusters in ~1 MiB chunks into a reused buffer, one GEMV per chunk.
+* stage 2: fp32 and Q8_0 rows on CPU go through compiled fused gather + dot kernels
+  (``_kernels.py``) that read each probed row once, a batch's probes in cluster order; otherwise
+  each row gathers its clusters in ~1 MiB chunks into a reused buffer, one GEMV per chunk.
 * ``forward`` pays for its full-width tensor with the ``-inf`` fill; ``scatter_reduce(amax)``
   is deterministic, and empty slots' ``-inf`` never hides a real logit.
 
