@@ -1,0 +1,44 @@
+"""Gemma-3-270M served by stock vLLM with flashhead's plugin (one engine): greedy tokens, real prompts."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from vllm_helpers import engine, export, greedy_reference, head_facts, real_prompts, reference_model
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return export("gemma3-270m", tmp_path_factory.mktemp("gemma") / "served")
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    """The transformers integration's greedy tokens (before the engine starts: one model at a time)."""
+    torch.set_num_threads(1)
+    model, tok = reference_model(folder)
+    try:
+        return greedy_reference(model, tok, real_prompts(), NEW_TOKENS)
+    finally:
+        del model
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def llm(folder, expected):
+    with engine(folder) as llm:
+        yield llm
+
+
+def test_gemma_greedy_tokens_equal_the_transformers_integration(llm, expected):
+    from vllm import SamplingParams
+
+    [facts] = llm.apply_model(head_facts)
+    assert facts["arch"] == "FlashHeadGemma3ForCausalLM" and (facts["K"], facts["cap"]) == (16384, 16)
+    out = llm.generate(real_prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in out] == expected
