@@ -11,6 +11,7 @@ at least ``name`` ("dense-fp32" or "flashhead-<stage1>"), ``batch``, ``tokens_pe
 
 from __future__ import annotations
 
+import functools
 import importlib
 import statistics
 import time
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from ..index import FlashHeadIndex
     from .suite import Settings
 
-__all__ = ["ENGINES", "model_level_of", "transformers_model_level", "add_ratios", "prompts_of_length", "match"]
+__all__ = ["ENGINES", "model_level_of", "transformers_model_level", "interleaved_rounds", "add_ratios",
+           "prompts_of_length", "match"]
 
 
 def prompts_of_length(tok, text: str, n: int, length: int, start: int) -> list[str]:
@@ -78,6 +80,28 @@ def match(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return (same / total if total else float("nan")), statistics.fmean(prefixes)
 
 
+def interleaved_rounds(calls: dict[str, Callable], new_tokens: int, repeats: int
+                       ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict]:
+    """Time ``calls[name](max_new_tokens=...)`` (each returns an object with ``seconds``) side by side:
+    a 4-token warm-up each, then ``repeats`` rounds in an order rotated every round, each a
+    ``new_tokens`` call and a 1-token call (the prefill's share). Returns the seconds of the long
+    calls, the seconds of the 1-token calls, and each name's last long result."""
+    names = list(calls)
+    for n in names:  # warm-up
+        calls[n](max_new_tokens=4)
+    full: dict[str, list[float]] = {n: [] for n in names}
+    pre: dict[str, list[float]] = {n: [] for n in names}
+    last = {}
+    for r in range(repeats):
+        for j in range(len(names)):
+            n = names[(j + r) % len(names)]
+            g = calls[n](max_new_tokens=new_tokens)
+            full[n].append(g.seconds)
+            last[n] = g
+            pre[n].append(calls[n](max_new_tokens=1).seconds)
+    return full, pre, last
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Add, to each row, its speed-ups against dense fp32 at the same batch, the dense head's share
     of a step, the Amdahl bound it implies, and how much of that bound the row reaches."""
@@ -114,19 +138,9 @@ def transformers_model_level(model_ref: str, st: Settings, *, index: FlashHeadIn
     for B in st.model_batches:
         ps = prompts[:B]
         log(f"model level, batch {B}: {', '.join(names)}, {st.prompt_tokens}-token prompts, {st.new_tokens} new "
-             f"tokens, {st.model_repeats} interleaved rounds", quiet)
-        for n in names:  # warm-up
-            generate(models[n], tok, ps, max_new_tokens=4)
-        full = {n: [] for n in names}
-        pre = {n: [] for n in names}
-        gens = {}
-        for r in range(st.model_repeats):
-            for j in range(len(names)):
-                n = names[(j + r) % len(names)]
-                g = generate(models[n], tok, ps, max_new_tokens=st.new_tokens)
-                full[n].append(g.seconds)
-                gens[n] = g
-                pre[n].append(generate(models[n], tok, ps, max_new_tokens=1).seconds)
+            f"tokens, {st.model_repeats} interleaved rounds", quiet)
+        full, pre, gens = interleaved_rounds(
+            {n: functools.partial(generate, models[n], tok, ps) for n in names}, st.new_tokens, st.model_repeats)
         # in-situ head time per decode step (hooks; a separate, untimed run)
         insitu = {}
         for n in names:
