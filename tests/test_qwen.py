@@ -62,6 +62,7 @@ def test_apply_replaces_only_the_head_and_remove_restores_it_bit_for_bit(qwen, q
         # the head's rows now live once, in FlashHead's cluster-ordered storage (plus a few zero slots)
         rows = model._flashhead["storage"]
         assert rows.shape[0] - 151_936 < qwen_index.cluster_size
+        assert qwen_index.config.stage2 == "q8_0" and rows.dtype == torch.int8  # GGUF's Q8_0 head: int8 rows only
         assert sum(p.numel() for p in model.parameters()) == params_before - 151_936 * 896
         assert head.n_probes == qwen_index.config.n_probes
         # every cluster probed: exactly the dense head, so greedy decoding is identical
