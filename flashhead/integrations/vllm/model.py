@@ -51,7 +51,8 @@ def _full_head_weight(lm_head, vocab: int) -> torch.Tensor:
     if lm_head.tp_size == 1:
         return w[:vocab]
     si = lm_head.shard_indices
-    counts = tensor_model_parallel_all_gather(torch.tensor([si.org_vocab_end_index - si.org_vocab_start_index]))
+    local = si.org_vocab_end_index - si.org_vocab_start_index  # float32: vLLM's CPU all-gather has no int64
+    counts = tensor_model_parallel_all_gather(torch.tensor([local], dtype=torch.float32))
     shards = tensor_model_parallel_all_gather(w.detach().contiguous(), dim=0).view(lm_head.tp_size, -1, w.shape[1])
     return torch.cat([shards[r, : int(n)] for r, n in enumerate(counts)])
 

@@ -1,0 +1,55 @@
+"""Gemma-3-270M with tensor_parallel_size=2 on CPU (one engine, two worker processes): the vocab-parallel
+head is gathered once at load and FlashHead is replicated on both ranks; greedy tokens equal the
+transformers integration's, which test_vllm_gemma.py shows equal to TP=1's.
+
+SmolLM2 cannot split in two (9 attention heads)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from vllm_helpers import engine, export, greedy_reference, head_facts, real_prompts, reference_model
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return export("gemma3-270m", tmp_path_factory.mktemp("gemma_tp") / "served")
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    torch.set_num_threads(1)
+    model, tok = reference_model(folder)
+    try:
+        return greedy_reference(model, tok, real_prompts(2), NEW_TOKENS)
+    finally:
+        del model
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def llm(folder, expected):
+    # one core per rank (../shared/engines.md: the automatic pinning reserves a core per rank, none is left)
+    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        with engine(folder, tensor_parallel_size=2) as llm:
+            yield llm
+    finally:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before or ""
+
+
+def test_tp2_replicates_the_index_and_keeps_the_greedy_tokens(llm, expected):
+    from vllm import SamplingParams
+
+    facts = llm.apply_model(head_facts)
+    assert len(facts) == 2 and all(f == facts[0] for f in facts)  # replicated: every rank holds the whole head
+    assert facts[0]["K"] * facts[0]["cap"] == 262144 and facts[0]["rows_bytes"] == 262144 * 640 * 4
+    out = llm.generate(real_prompts(2), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in out] == expected
