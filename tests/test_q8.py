@@ -203,3 +203,69 @@ def test_q8_constructor_validation():
         FlashHead(h8.rows, *args, row_scales=h8.row_scales.bfloat16(), **kw)
     with pytest.raises(ValueError, match="quantize_activations needs Q8_0 rows"):
         FlashHead(hf.rows, *args, quantize_activations=True, **kw)
+
+
+def _tiny_q8_model(tied: bool, dtype: torch.dtype = torch.float32, embed_scale: float | None = None):
+    """A 1-layer Llama whose head (tied or not) is exactly Q8_0, as a model converted from a Q8_0 GGUF; with
+    ``embed_scale`` its input embedding multiplies by it (like Gemma's scaled word embedding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.copy_(q8_head(512, 64, seed=7) * 8)
+        if embed_scale is not None:
+            emb = model.get_input_embeddings()
+            emb.embed_scale = torch.tensor(embed_scale)
+            emb.forward = lambda ids, e=emb: torch.nn.functional.embedding(ids, e.weight) * e.embed_scale.to(e.weight.dtype)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_apply_keeps_only_the_int8_rows_and_remove_restores_the_head(tied):
+    from flashhead.index import build_index
+    from flashhead.integrations.transformers import apply, dense_logits, remove
+    from flashhead.models import head_weight
+
+    model = _tiny_q8_model(tied, embed_scale=8.0 if tied else None)
+    weight = head_weight(model)
+    before = weight.detach().clone()
+    index = build_index(weight, 4, progress=False)
+    assert index.config.stage2 == "q8_0"
+    ids = torch.tensor([[5, 17, 300, 41, 9]])
+    with torch.inference_mode():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        dense = dense_logits(model, hidden)
+        emb_ref = model.get_input_embeddings()(ids)
+        head = apply(model, index, n_probes=index.num_clusters)
+        assert head.rows.dtype == torch.int8 and head.row_scales.dtype == torch.float16
+        names = [n for n, _ in model.named_parameters()]
+        assert not any(n.startswith("lm_head") for n in names)
+        assert any(n.endswith("embed_tokens.weight") for n in names) != tied  # tied: the int8 rows serve it
+        assert torch.equal(model.get_input_embeddings()(ids), emb_ref)
+        fast = model(input_ids=ids).logits.float()
+        assert torch.equal(fast.argmax(-1), dense.argmax(-1))
+        assert torch.allclose(fast, dense, rtol=0, atol=1e-4)
+        assert torch.equal(dense_logits(model, hidden), dense)
+        remove(model)
+    assert torch.equal(head_weight(model).view(torch.int32), before.view(torch.int32))
+    assert (model.get_input_embeddings().weight is head_weight(model)) == tied
+
+
+def test_apply_falls_back_to_float_rows_when_the_copy_is_not_q8():
+    """A bf16 copy of a Q8_0 head is not scale * int8 any more: its float rows serve; asking for Q8_0 is refused."""
+    from flashhead.index import build_index
+    from flashhead.integrations.transformers import apply, remove
+    from flashhead.models import head_weight
+
+    model = _tiny_q8_model(tied=True)
+    index = build_index(head_weight(model), 4, progress=False)
+    model.to(torch.bfloat16)
+    head = apply(model, index)
+    assert head.rows.dtype == torch.bfloat16 and head.row_scales is None
+    remove(model)
+    with pytest.raises(ValueError, match="needs a head that is exactly Q8_0"):
+        apply(model, index, stage2="q8_0")
+    assert getattr(model, "_flashhead", None) is None
