@@ -1,0 +1,202 @@
+"""FlashHead driving llama.cpp, on the real SmolLM2 GGUF: the callback route, greedy and sampled decoding,
+bad input. llama-cpp-python is part of the set-up: without it these tests fail (they never skip)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flashhead.integrations.llamacpp import LLAMA_CPP_VERSION, LlamaCpp, ModelLoadError
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+
+
+def test_engine_installed_at_the_pinned_version():
+    assert importlib.util.find_spec("llama_cpp") is not None, \
+        "llama.cpp is not installed: run `make setup` (it builds llama-cpp-python once, ~10-30 min)"
+    import llama_cpp
+
+    assert llama_cpp.__version__ == LLAMA_CPP_VERSION
+    setup = (Path(__file__).parents[1] / "scripts" / "setup.sh").read_text()
+    assert f"llama-cpp-python=={LLAMA_CPP_VERSION}" in setup  # set-up installs the version the route was checked on
+
+
+@pytest.fixture(scope="session")
+def engine():
+    e = LlamaCpp(MODEL, n_threads=2)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def prompts(engine):
+    """Three real prompts: 24-token windows from the middle of a held-out novel."""
+    from flashhead.data import load_text
+
+    text = load_text("persuasion")
+    ids = engine.tokenize(text[len(text) // 2: len(text) // 2 + 20000], add_special=False)
+    return [engine.detokenize(ids[a:a + 24]) for a in (100, 1500, 3000)]
+
+
+def test_stop_cuts_the_graph_and_keeps_the_state(engine, prompts):
+    """The callback stops after the final norm (fewer graph nodes asked about) and the state it leaves is the
+    full graph's, bit for bit."""
+    ids = engine.tokenize(prompts[0])
+    engine.hidden_states(ids)  # the body context exists from here on
+    stop = engine._stop
+    hits, asked = stop.hits, stop.asked
+    cut = engine.hidden_states(ids, stop=True)
+    hits_cut, asked_cut = stop.hits - hits, stop.asked - asked
+    full = engine.hidden_states(ids, stop=False)
+    hits_full, asked_full = stop.hits - hits - hits_cut, stop.asked - asked - asked_cut
+    assert hits_cut == hits_full == 1  # one norm per decode, met both times
+    assert asked_cut < asked_full  # with the stop, the nodes after the norm (the head) were never reached
+    assert cut.shape == (len(ids), engine.d) and torch.isfinite(cut).all()
+    assert torch.equal(cut, full)
+
+
+def test_greedy_equals_llamacpp_dense(engine, prompts):
+    for p in prompts:
+        fast = engine.generate(p, 32, head="flashhead")
+        dense = engine.generate(p, 32, head="dense")
+        assert fast.token_ids == dense.token_ids, p
+        assert fast.new_tokens == 32 and fast.texts[0] == engine.detokenize(fast.token_ids[0])
+
+
+def test_teacher_forced_agreement(engine):
+    from flashhead.bench.llamacpp import teacher_forced_agreement
+
+    r = teacher_forced_agreement(engine, ["emma"], positions=256)
+    assert r["positions"] >= 250
+    assert r["fraction"] >= 0.99, r
+
+
+def _chi2_sf(stat: float, dof: int) -> float:
+    return float(1 - torch.distributions.Chi2(torch.tensor(float(dof))).cdf(torch.tensor(stat)))
+
+
+def test_sampled_first_token_follows_flashheads_distribution(engine, prompts):
+    """First sampled tokens of the engine (one generate() per seed) against FlashHead.sample on the same state:
+    a chi-square test of homogeneity over the tokens both draw often."""
+    temperature, top_p, n = 1.0, 0.9, 100
+    ids = engine.tokenize(prompts[1])
+    drawn = [engine.generate(ids, 1, temperature=temperature, top_p=top_p, seed=s).token_ids[0][0] for s in range(n)]
+    h = engine.hidden_states(ids)[-1:]
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():  # 2,000 draws of FlashHead's own sampler on the same state
+        ref = torch.cat([engine.head.sample(h.expand(100, -1).contiguous(), temperature=temperature, top_p=top_p,
+                                            generator=gen) for _ in range(20)])
+    ref_counts = torch.bincount(ref, minlength=engine.n_vocab).double()
+    got_counts = torch.bincount(torch.tensor(drawn), minlength=engine.n_vocab).double()
+    p = ref_counts / ref_counts.sum()
+    common = (p * n >= 5).nonzero().flatten()
+    assert len(common) >= 3, "the prompt's distribution is too peaked for a test"
+    exp = torch.cat([p[common], (1 - p[common].sum()).reshape(1)]) * n
+    obs = torch.cat([got_counts[common], (n - got_counts[common].sum()).reshape(1)])
+    keep = exp > 0
+    stat = float(((obs - exp)[keep] ** 2 / exp[keep]).sum())
+    assert _chi2_sf(stat, int(keep.sum()) - 1) > 1e-3, (stat, obs.tolist(), exp.tolist())
+
+
+def test_sampling_is_seeded_and_runs_many_tokens(engine, prompts):
+    a = engine.generate(prompts[2], 24, temperature=0.8, top_k=40, top_p=0.95, seed=3).token_ids[0]
+    b = engine.generate(prompts[2], 24, temperature=0.8, top_k=40, top_p=0.95, seed=3).token_ids[0]
+    c = engine.generate(prompts[2], 24, temperature=0.8, top_k=40, top_p=0.95, seed=4).token_ids[0]
+    assert a == b and a != c and len(a) == 24
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.5),
+                                    dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_p=1.5)])
+def test_bad_sampling_arguments(engine, kwargs):
+    with pytest.raises(ValueError):
+        engine.generate("Hello", 4, **kwargs)
+
+
+def test_prompt_longer_than_the_context(engine):
+    with pytest.raises(ValueError, match="n_ctx"):
+        engine.generate(list(range(10, 10 + engine.n_ctx)), 4)
+
+
+def _copy_with_f16_head(src: Path, dst: Path) -> None:
+    """The GGUF ``src`` with its tied head (token_embd) stored as F16 instead of Q8_0."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for f in reader.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    data = {}
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            data[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float16)
+            writer.add_tensor_info(t.name, data[t.name].shape, np.float16, data[t.name].nbytes,
+                                   gguf.GGMLQuantizationType.F16)
+        else:
+            data[t.name] = t.data
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(data[t.name])
+    writer.close()
+
+
+def test_head_not_8bit_falls_back_to_fp32_rows(engine, prompts, tmp_path, capfd):
+    from flashhead.integrations.transformers import default_index_dir
+
+    f16 = tmp_path / "smollm2-f16-head.gguf"
+    _copy_with_f16_head(engine.path, f16)
+    capfd.readouterr()
+    other = LlamaCpp(f16, index=default_index_dir(MODEL))  # same rows up to fp16 rounding: same signs, same index
+    try:
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if "not 8-bit" in line]
+        assert len(lines) == 1 and "F16" in lines[0] and "fp32 rows" in lines[0]
+        assert other.head.rows.dtype == torch.float32
+        fast = other.generate(prompts[0], 16, head="flashhead")
+        dense = other.generate(prompts[0], 16, head="dense")
+        assert fast.token_ids == dense.token_ids
+    finally:
+        other.close()
+
+
+def test_gguf_llamacpp_cannot_load(engine, tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    truncated = tmp_path / "truncated.gguf"
+    with open(engine.path, "rb") as f:
+        truncated.write_bytes(f.read(4 << 20))
+    for path in (bad, truncated):
+        with pytest.raises(ModelLoadError) as e:
+            LlamaCpp(path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and "llama.cpp could not load" in msg
+
+
+def test_cli_generate_with_llamacpp(capsys):
+    from flashhead.cli import main
+
+    args = ["generate", MODEL, "--engine", "llama.cpp", "--prompt", "The capital of France is", "--max-new-tokens",
+            "12", "--json"]
+    assert main(args) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main(args + ["--dense"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert fast["token_ids"] == dense["token_ids"] and len(fast["token_ids"]) >= 1
+    assert fast["head"].startswith("llama.cpp + flashhead") and dense["head"] == "llama.cpp dense"
+    assert main(args[:-1] + ["--temperature", "0.7", "--top-k", "20", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and re.search(r"tokens/s\]", out)
+    assert not math.isnan(fast["tokens_per_second"])
