@@ -180,6 +180,7 @@ def transformers_model_level(model_ref: str, st: Settings, *, index: FlashHeadIn
 # are only needed when it runs, and its module may import the helpers above without a cycle)
 ENGINES: dict[str, str] = {
     "transformers": "model:transformers_model_level",
+    "vllm": "vllm:vllm_model_level",
     "llama.cpp": "llamacpp:llamacpp_model_level",
 }
 
