@@ -11,7 +11,10 @@ import importlib.util
 import os
 import tempfile
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# This folder is itself a namespace package named "vllm" on pytest's path: only a real package (one with
+# an origin file) counts.
+_spec = importlib.util.find_spec("vllm")
+HAVE_VLLM = _spec is not None and _spec.origin is not None
 if not HAVE_VLLM:
     collect_ignore_glob = ["test_*.py"]
 
