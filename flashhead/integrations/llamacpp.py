@@ -204,6 +204,7 @@ class LlamaCpp:
             raise ValueError(f"{model} is a transformers folder; llama.cpp runs GGUF files: give a built-in name or "
                              "a .gguf path")
         self.ll, self.path, self.model_ref = ll, path, str(model)
+        self._contexts: dict[str, object] = {}  # set before anything can fail: close() reads it
         self.n_threads, self.n_ctx, self.n_batch = int(n_threads), int(n_ctx), int(n_batch)
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
         ll.llama_backend_init()
@@ -218,7 +219,6 @@ class LlamaCpp:
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.d = int(ll.llama_model_n_embd(self._model))
         self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
-        self._contexts: dict[str, object] = {}
         self._stop = None  # the body context's callback state
         self._keep: list = []  # ctypes objects llama.cpp points to
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
