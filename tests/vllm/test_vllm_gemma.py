@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
-from vllm_helpers import engine, export, greedy_reference, head_facts, real_prompts, reference_model
+from vllm_helpers import engine, export, folder_greedy, head_facts, real_prompts
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
@@ -20,13 +17,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(folder):
     """The transformers integration's greedy tokens (before the engine starts: one model at a time)."""
-    torch.set_num_threads(1)
-    model, tok = reference_model(folder)
-    try:
-        return greedy_reference(model, tok, real_prompts(), NEW_TOKENS)
-    finally:
-        del model
-        gc.collect()
+    return folder_greedy(folder, real_prompts(), NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ SmolLM2 cannot split in two (9 attention heads)."""
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
-import torch
-from vllm_helpers import engine, export, greedy_reference, head_facts, real_prompts, reference_model
+from vllm_helpers import engine, export, folder_greedy, head_facts, real_prompts
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
@@ -24,13 +22,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(folder):
-    torch.set_num_threads(1)
-    model, tok = reference_model(folder)
-    try:
-        return greedy_reference(model, tok, real_prompts(2), NEW_TOKENS)
-    finally:
-        del model
-        gc.collect()
+    return folder_greedy(folder, real_prompts(2), NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,20 @@ def greedy_reference(model, tok, prompts: list[str], new_tokens: int) -> list[li
     return [generate(model, tok, [p], max_new_tokens=new_tokens).token_ids[0] for p in prompts]
 
 
+def folder_greedy(folder: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """The transformers integration's greedy tokens on ``folder`` (one thread), its model freed before an
+    engine starts: one model in memory at a time."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, tok = reference_model(folder)
+    try:
+        return greedy_reference(model, tok, prompts, new_tokens)
+    finally:
+        del model
+        gc.collect()
+
+
 @contextmanager
 def engine(folder: Path, **kwargs):
     """One vLLM engine on ``folder`` (fp32, eager), shut down and freed on exit."""
