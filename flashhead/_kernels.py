@@ -1,4 +1,4 @@
-"""A small compiled CPU kernel for stage 2: gather the probed clusters' rows and take their dot
+"""Small compiled CPU kernels. Stage 2: gather the probed clusters' rows and take their dot
 products with the hidden state in one pass, without copying the rows anywhere.
 
 Why: torch has no fused gather + GEMV; its best sequence (``index_select`` into a buffer, then ``mv``)
@@ -7,7 +7,8 @@ pairs in cluster order, so a cluster probed by several rows of the batch is read
 and splits the sorted pairs over torch's intra-op threads; every logit is the same dot product in the
 same order whatever the batch or thread count. Three row formats: fp32 rows; Q8_0 rows (int8 plus one
 scale per 32 weights, the GGUF layout) dotted with an fp32 hidden state; and Q8_0 rows dotted with a
-Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Measurements: docs/kernels.md.
+Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Stage 1: int8 centroids times an int8 hidden
+state, one pass over the centroids. Measurements: docs/kernels.md.
 
 Compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
 ``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the source, the
@@ -182,6 +183,44 @@ torch::Tensor q8q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, 
   });
 }
 
+// Stage 1 in int8: per-centroid int8 q [K, D] (scale s [K]) . per-row int8 hq [N, D] (scale a [N]):
+// float(exact int32 sum) * a[n] * s[k], as torch._int_mm(hq, q.t()).float() * a * s. Parallel over K;
+// every score is the same integer sum and the same two roundings whatever the thread count.
+torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, torch::Tensor a) {
+  const int64_t K = q.size(0), D = q.size(1), N = hq.size(0);
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const int8_t* Q = q.data_ptr<int8_t>();
+  const int8_t* H = hq.data_ptr<int8_t>();
+  const float* S = s.data_ptr<float>();
+  const float* A = a.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, K, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const int8_t* r = Q + k * D;
+      for (int64_t n = 0; n < N; ++n) {
+        const int8_t* x = H + n * D;
+        int64_t t = 0;
+        int32_t isum = 0;
+#ifdef FH_AVX2
+        __m256i acc = _mm256_setzero_si256();
+        for (; t + 32 <= D; t += 32) {  // |r| (unsigned) times x with r's sign: int16 pairs, then int32
+          const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + t));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t));
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u, u),
+                                 _mm256_sign_epi8(v, u)), _mm256_set1_epi16(1)));
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        isum = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
+#endif
+        for (; t < D; ++t) isum += static_cast<int32_t>(r[t]) * static_cast<int32_t>(x[t]);
+        O[n * K + k] = static_cast<float>(isum) * A[n] * S[k];
+      }
+    }
+  });
+  return out;
+}
+
 torch::Tensor q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::Tensor clusters, torch::Tensor h) {
   if (scales.scalar_type() == torch::kFloat16) return q8_gemv<at::Half>(rows, scales, clusters, h);
   return q8_gemv<float>(rows, scales, clusters, h);
@@ -194,7 +233,7 @@ torch::Tensor q8q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::
 }
 """
 
-_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv"]
+_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores"]
 # -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
 # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -275,6 +314,18 @@ def q8q8_gather_gemv(rows: torch.Tensor, scales: torch.Tensor, clusters: torch.T
     if mod is None:
         return None
     return mod.q8q8_gather_gemv(rows, scales, clusters.contiguous(), hq.contiguous(), hs.float().contiguous())
+
+
+def int8_scores(q: torch.Tensor, scale: torch.Tensor, hq: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """Stage-1 int8 scores ``[N, K]``: int8 centroids ``q [K, D]`` with fp32 ``scale [K]``, int8 ``hq [N, D]``
+    with fp32 ``a [N]``; the bits of ``torch._int_mm(hq, q.t()).float() * a * scale``, at the bandwidth of one
+    pass over ``q`` (``_int_mm`` reads it at about half of that for N = 1). None when the kernel does not apply."""
+    if not (q.dtype == hq.dtype == torch.int8 and _on_cpu(q, scale, hq) and scale.dtype == torch.float32):
+        return None
+    mod = _module()
+    if mod is None:
+        return None
+    return mod.int8_scores(q, scale, hq, a.float().reshape(-1).contiguous())
 
 
 def build() -> bool:

@@ -516,6 +516,9 @@ class FlashHead(torch.nn.Module):
             hq = torch.round(h32 / a).to(torch.int8)
             if self._int8_dpad != self.d:
                 hq = F.pad(hq, (0, self._int8_dpad - self.d))
+            fused = _kernels.int8_scores(self._q, self._scale, hq, a)
+            if fused is not None:
+                return fused
             return torch._int_mm(hq, self._q.t()).float().mul_(a).mul_(self._scale)
         # int4
         if not cpu or self._int4_packed is None:
@@ -613,22 +616,30 @@ class FlashHead(torch.nn.Module):
         return self._candidates(h, clusters.contiguous())
 
     def _candidates(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, logits = self._cluster_logits(h, clusters)
+        q8 = self.row_scales is not None
+        act = q8_0_quantize(h.float()) if q8 and self.quantize_activations else None  # once for both parts
+        ids, logits = self._cluster_logits(h, clusters, act)
         if self.always_ids.numel():
             a_rows = self.rows[self.always_cluster, self.always_pos]  # [A, d]
-            if self.row_scales is None:
+            if not q8:
                 a_logits = (h.to(self.rows.dtype) @ a_rows.t()).float()  # [N, A]
-            else:
-                a_logits = self._q8_logits(h, a_rows, self.row_scales[self.always_cluster, self.always_pos])
-            dup = (clusters.unsqueeze(-1) == self.always_cluster).any(1)  # [N, A]
+            else:  # A one-row "clusters", through the same kernel as the probed rows
+                A = a_rows.shape[0]
+                a_scales = self.row_scales[self.always_cluster, self.always_pos]
+                a_logits = self._q8_cluster_logits(h.float(), torch.arange(A, device=h.device).expand(h.shape[0], A),
+                                                   act, a_rows.view(A, 1, -1), a_scales.view(A, 1, -1))
+            probed = torch.zeros(h.shape[0], self.K, dtype=torch.bool, device=h.device)
+            dup = probed.scatter_(1, clusters, True)[:, self.always_cluster]  # [N, A]: also in a probed cluster
             a_logits.masked_fill_(dup, _NEG_INF)
             a_ids = self.always_ids.expand(h.shape[0], -1).masked_fill(dup, -1)
             ids = torch.cat([ids, a_ids], 1)
             logits = torch.cat([logits, a_logits], 1)
         return ids, logits
 
-    def _cluster_logits(self, h: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact logits of the rows of ``clusters`` [N, p]: (ids [N, p*cap], logits float32 [N, p*cap])."""
+    def _cluster_logits(self, h: torch.Tensor, clusters: torch.Tensor,
+                        act: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact logits of the rows of ``clusters`` [N, p]: (ids [N, p*cap], logits float32 [N, p*cap]);
+        ``act``: ``h`` already in Q8_0 (Q8_0 rows with quantized activations), else quantized here."""
         N, p = clusters.shape
         cap, d = self.cap, self.d
         M = p * cap
@@ -637,7 +648,7 @@ class FlashHead(torch.nn.Module):
         if N == 0:
             logits = torch.empty(0, M, dtype=torch.float32, device=h.device)
         elif self.row_scales is not None:
-            logits = self._q8_cluster_logits(hc, clusters)
+            logits = self._q8_cluster_logits(hc, clusters, act)
         elif torch.is_grad_enabled() and (rows.requires_grad or hc.requires_grad):
             # autograd path (rows may be a view of a trainable weight): no out= buffers
             logits = torch.stack(
@@ -675,18 +686,23 @@ class FlashHead(torch.nn.Module):
             logits.masked_fill_(ids < 0, _NEG_INF)
         return ids, logits
 
-    def _q8_cluster_logits(self, h: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-        """Logits [N, p*cap] float32 of Q8_0 rows: the compiled kernel, else per row ~1 MiB of int8 rows
-        at a time, gathered and scored by :meth:`_q8_logits`."""
+    def _q8_cluster_logits(self, h: torch.Tensor, clusters: torch.Tensor,
+                           act: tuple[torch.Tensor, torch.Tensor] | None = None, rows: torch.Tensor | None = None,
+                           scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, p*cap] float32 of Q8_0 rows (the head's, or the given ``rows [k, c, d]`` and ``scales``):
+        the compiled kernel, else per row ~1 MiB of int8 rows at a time, gathered and scored by
+        :meth:`_q8_logits`."""
         N, p = clusters.shape
-        rows, scales = self.rows, self.row_scales
-        act = q8_0_quantize(h) if self.quantize_activations else None
+        rows = self.rows if rows is None else rows
+        scales = self.row_scales if scales is None else scales
+        if act is None and self.quantize_activations:
+            act = q8_0_quantize(h)
         if not (torch.is_grad_enabled() and h.requires_grad):
             fused = (_kernels.q8_gather_gemv(rows, scales, clusters, h) if act is None
                      else _kernels.q8q8_gather_gemv(rows, scales, clusters, *act))
             if fused is not None:
                 return fused
-        C = max(1, min(p, _STAGE2_CHUNK_BYTES // (self.cap * self.d)))
+        C = max(1, min(p, _STAGE2_CHUNK_BYTES // (rows.shape[1] * self.d)))
         out = []
         for i in range(N):
             a = None if act is None else (act[0][i:i + 1], act[1][i:i + 1])

@@ -623,3 +623,28 @@ def test_compiled_stage2_kernel_gives_the_same_bits_on_any_number_of_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("d", [64, 72])  # 72: a tail after the 32-wide blocks
+def test_int8_stage1_kernel_gives_the_bits_of_int_mm(monkeypatch, d):
+    """The compiled int8 stage-1 kernel returns torch._int_mm's scores bit for bit (exact int32 sums, the
+    same two roundings), at batch 1 and 5 and on 1 or 2 threads, so it changes no probe."""
+    from flashhead import _kernels
+
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    s = make(600, 4, d, integer=False, n_probes=7, stage1="int8")
+    h = hidden(5, d, integer=False)
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = [s.head.stage1_scores(h), s.head.stage1_scores(h[:1])]
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(_kernels, "int8_scores", lambda *a: None)
+    ref = s.head.stage1_scores(h)
+    for one_batch, one_row in got.values():
+        assert torch.equal(one_batch, ref)
+        assert torch.equal(one_row, ref[:1])
