@@ -30,6 +30,8 @@ import torch
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 #include <ATen/Parallel.h>
@@ -221,6 +223,56 @@ torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, to
   return out;
 }
 
+// h [N, d] fp32 in Q8_0, as head.q8_0_quantize: per block of 32, amax = max |x|, int8 = round-half-even
+// (x * (127 / amax)), scale = fp16(amax / 127) held in fp32.
+std::vector<torch::Tensor> q8_0_quantize(torch::Tensor x) {
+  const int64_t N = x.size(0), d = x.size(1), nb = d / 32;
+  auto q = torch::empty({N, d}, torch::dtype(torch::kInt8));
+  auto s = torch::empty({N, nb}, torch::dtype(torch::kFloat32));
+  const float* X = x.data_ptr<float>();
+  int8_t* Q = q.data_ptr<int8_t>();
+  float* S = s.data_ptr<float>();
+  for (int64_t b = 0; b < N * nb; ++b) {
+    const float* xb = X + b * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float mult = amax > 0.f ? 127.f / amax : 0.f;
+    for (int j = 0; j < 32; ++j) Q[b * 32 + j] = static_cast<int8_t>(std::nearbyint(xb[j] * mult));
+    S[b] = static_cast<float>(at::Half(amax / 127.f));
+  }
+  return {q, s};
+}
+
+// Greedy token per row over Q8_0 rows: the logits of the probed clusters' slots (as q8[q8]_gather_gemv) and of
+// the always-scored slots, the largest wins, ties to the smallest token id as torch.argmax over dense logits
+// does; empty slots (id -1) never compete. One call instead of ~20 small torch ops per decode step.
+template <typename Dot>
+torch::Tensor q8_greedy_impl(const torch::Tensor& logits, const torch::Tensor& slot_token,
+                             const torch::Tensor& clusters, const torch::Tensor& always_slots, int64_t cap, Dot dot) {
+  const int64_t N = clusters.size(0), p = clusters.size(1), A = always_slots.size(0);
+  auto best = torch::empty({N}, torch::dtype(torch::kInt64));
+  const float* L = logits.data_ptr<float>();
+  const int64_t* T = slot_token.data_ptr<int64_t>();
+  const int64_t* C = clusters.data_ptr<int64_t>();
+  const int64_t* AS = always_slots.data_ptr<int64_t>();
+  int64_t* B = best.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    float top = -std::numeric_limits<float>::infinity();
+    int64_t id = std::numeric_limits<int64_t>::max();
+    const auto offer = [&](float v, int64_t t) {
+      if (t >= 0 && (v > top || (v == top && t < id))) { top = v; id = t; }
+    };
+    for (int64_t j = 0; j < p; ++j) {
+      const int64_t* ts = T + C[n * p + j] * cap;
+      const float* l = L + (n * p + j) * cap;
+      for (int64_t c = 0; c < cap; ++c) offer(l[c], ts[c]);
+    }
+    for (int64_t a = 0; a < A; ++a) offer(dot(AS[a], n), T[AS[a]]);
+    B[n] = id;
+  }
+  return best;
+}
+
 torch::Tensor q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::Tensor clusters, torch::Tensor h) {
   if (scales.scalar_type() == torch::kFloat16) return q8_gemv<at::Half>(rows, scales, clusters, h);
   return q8_gemv<float>(rows, scales, clusters, h);
@@ -231,9 +283,37 @@ torch::Tensor q8q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::
   if (scales.scalar_type() == torch::kFloat16) return q8q8_gemv<at::Half>(rows, scales, clusters, hq, hs);
   return q8q8_gemv<float>(rows, scales, clusters, hq, hs);
 }
+
+template <typename S>
+torch::Tensor q8_greedy_t(const torch::Tensor& rows, const torch::Tensor& scales, const torch::Tensor& slot_token,
+                          const torch::Tensor& clusters, const torch::Tensor& h, const torch::Tensor& always_slots,
+                          bool quantize) {
+  const int64_t cap = rows.size(1), d = rows.size(2), nb = d / 32;
+  const int8_t* R = rows.data_ptr<int8_t>();
+  const S* SC = scales.data_ptr<S>();
+  if (!quantize) {
+    const float* H = h.data_ptr<float>();
+    return q8_greedy_impl(q8_gemv<S>(rows, scales, clusters, h), slot_token, clusters, always_slots, cap,
+                             [&](int64_t slot, int64_t n) { return q8_dot(R + slot * d, SC + slot * nb, H + n * d, nb); });
+  }
+  const auto act = q8_0_quantize(h);
+  const int8_t* Q = act[0].data_ptr<int8_t>();
+  const float* QS = act[1].data_ptr<float>();
+  return q8_greedy_impl(q8q8_gemv<S>(rows, scales, clusters, act[0], act[1]), slot_token, clusters, always_slots, cap,
+                           [&](int64_t slot, int64_t n) {
+                             return q8q8_dot(R + slot * d, SC + slot * nb, Q + n * d, QS + n * nb, nb);
+                           });
+}
+
+torch::Tensor q8_greedy(torch::Tensor rows, torch::Tensor scales, torch::Tensor slot_token, torch::Tensor clusters,
+                        torch::Tensor h, torch::Tensor always_slots, bool quantize) {
+  if (scales.scalar_type() == torch::kFloat16)
+    return q8_greedy_t<at::Half>(rows, scales, slot_token, clusters, h, always_slots, quantize);
+  return q8_greedy_t<float>(rows, scales, slot_token, clusters, h, always_slots, quantize);
+}
 """
 
-_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores"]
+_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "q8_0_quantize", "q8_greedy"]
 # -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
 # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -326,6 +406,28 @@ def int8_scores(q: torch.Tensor, scale: torch.Tensor, hq: torch.Tensor, a: torch
     if mod is None:
         return None
     return mod.int8_scores(q, scale, hq, a.float().reshape(-1).contiguous())
+
+
+def q8_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`flashhead.head.q8_0_quantize` of fp32 ``x [N, d]`` (d % 32 == 0) bit for bit, in one call; None
+    when the kernel does not apply."""
+    if not (x.dtype == torch.float32 and _on_cpu(x) and x.dim() == 2 and x.shape[1] % 32 == 0):
+        return None
+    mod = _module()
+    return None if mod is None else tuple(mod.q8_0_quantize(x))
+
+
+def q8_greedy(rows: torch.Tensor, scales: torch.Tensor, slot_token: torch.Tensor, clusters: torch.Tensor,
+              h: torch.Tensor, always_slots: torch.Tensor, quantize: bool) -> torch.Tensor | None:
+    """Greedy tokens ``[N]`` over Q8_0 rows (``rows [K, cap, d]``, ``scales``, ``slot_token [K, cap]``): the
+    probed ``clusters [N, p]`` plus the flat ``always_slots [A]``, fp32 ``h [N, d]`` taken as is or in Q8_0
+    (``quantize``); the largest logit, ties to the smallest id. None when the kernel does not apply."""
+    if not (_q8_applies(rows, scales) and h.dtype == torch.float32 and _on_cpu(h, slot_token)):
+        return None
+    mod = _module()
+    if mod is None:
+        return None
+    return mod.q8_greedy(rows, scales, slot_token, clusters.contiguous(), h, always_slots.contiguous(), bool(quantize))
 
 
 def build() -> bool:

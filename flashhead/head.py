@@ -165,6 +165,8 @@ def q8_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     code; its portable reference uses 1 / scale and rounds ties away from zero, which differs only when
     ``x * 127 / amax`` lies within an ulp of a half-integer).
     """
+    if (fused := _kernels.q8_0_quantize(x)) is not None:  # the same bits in one call
+        return fused
     N, d = x.shape
     xb = x.float().reshape(N, d // Q8_BLOCK, Q8_BLOCK)
     amax = _block_amax(xb)
@@ -347,6 +349,7 @@ class FlashHead(torch.nn.Module):
         self.register_buffer("always_ids", always, persistent=False)
         self.register_buffer("always_cluster", always_slot // cap, persistent=False)
         self.register_buffer("always_pos", always_slot % cap, persistent=False)
+        self.register_buffer("_always_slot", always_slot, persistent=False)  # flat k * cap + j
         self._build_stage1(centroids)
 
         self._n_probes = 1
@@ -756,7 +759,13 @@ class FlashHead(torch.nn.Module):
         Ties resolve to the smallest token id, as ``torch.argmax`` does over dense logits.
         """
         h = self._check_hidden(h, two_d=True)
-        ids, logits = self._candidates(h, self._select(h, self._n_probes, ordered=False)[0])
+        clusters = self._select(h, self._n_probes, ordered=False)[0]
+        if self.row_scales is not None and not (torch.is_grad_enabled() and h.requires_grad):
+            fused = _kernels.q8_greedy(self.rows, self.row_scales, self.slot_token, clusters, h.float(),
+                                       self._always_slot, self.quantize_activations)
+            if fused is not None:  # stage 2, the always-scored ids and the argmax in one compiled call
+                return fused
+        ids, logits = self._candidates(h, clusters)
         best = logits.amax(1, keepdim=True)
         return torch.where(logits == best, ids, _INT64_MAX).amin(1)
 

@@ -133,3 +133,13 @@ def test_memory_and_targets(report):
     assert keys == {"head_b1", "amdahl_b1"}
     for t in report["targets"]:
         assert isinstance(t["met"], bool) and _pos(t["measured"])
+
+
+def test_engine_targets_join_the_report():
+    """An engine's own targets (llama.cpp, vLLM: checked where it is timed) are reported with the others."""
+    from flashhead.bench.report import evaluate_targets
+
+    t = {"target": "llamacpp_b1", "description": "llama.cpp + FlashHead / llama.cpp dense", "threshold": 1.8,
+         "measured": 2.0, "met": True}
+    rep = {"model": "gemma3-270m", "index": {"stage1": "int8"}, "head": [], "model_level": {"rows": [], "targets": [t]}}
+    assert evaluate_targets(rep) == [t]

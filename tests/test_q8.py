@@ -98,9 +98,15 @@ def test_int8_stage2_logits_equal_the_fp32_head(scales, d):
     assert h8.nbytes_per_step() - hf.nbytes_per_step() == (9 * 4 + 2) * (d + d // 32 * per_row - 4 * d)
 
 
-def test_q8_activations_match_a_reference():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_q8_activations_match_a_reference(monkeypatch, kernel):
     """q8_0_quantize follows llama.cpp's x86 rule (scale fp16(amax/127), x * 127/amax rounded to even) and the
-    block products give sum_b int32(sum_j w_j q_j) * s_w * s_h, computed here independently in numpy."""
+    block products give sum_b int32(sum_j w_j q_j) * s_w * s_h, computed here independently in numpy; the
+    compiled quantizer and the torch one alike."""
+    if kernel and not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    if not kernel:
+        monkeypatch.setattr(_kernels, "q8_0_quantize", lambda *a: None)
     V, d = 200, 640
     W = q8_head(V, d, seed=3)
     _, _, hq = heads(W, K=50, p=6)
@@ -152,6 +158,29 @@ def test_q8_kernel_matches_the_torch_path(monkeypatch, quantize):
             ids_t, logits_t = head.candidates(h, cl)
         assert torch.equal(ids_k, ids_t)
         assert_close(logits_k, logits_t, h, W, ids_k)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32-h", "q8-h"])
+def test_q8_greedy_kernel_gives_the_torch_paths_tokens_and_tie_rule(monkeypatch, quantize):
+    """The compiled greedy (stage 2, always-scored ids and argmax in one call) picks the torch path's tokens,
+    an always-scored id that is the argmax included, and resolves an exact tie to the smallest id."""
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    W = q8_head(300, 640, seed=7)
+    W[250] = W[40]  # two tokens with the same row: exact ties whenever one of them wins
+    heads_ = heads(W, K=75, p=11, always=(3, 5, 40))
+    head = heads_[2] if quantize else heads_[1]
+    g = torch.Generator().manual_seed(8)
+    h = torch.cat([torch.randn(6, 640, generator=g), W[[40, 3, 250]] * 50])  # rows 6..8: 40 (= 250) and 3 win
+    assert _kernels.q8_greedy(head.rows, head.row_scales, head.slot_token, head.select_clusters(h), h,
+                              head._always_slot, quantize) is not None
+    ids, logits = head.candidates(h[8:], head.select_clusters(h[8:]))
+    assert float(logits[ids == 250]) == float(logits[ids == 40]) == float(logits.max())  # the tie is really met
+    fused = head.greedy(h)
+    monkeypatch.setattr(_kernels, "q8_greedy", lambda *a: None)
+    ref = head.greedy(h)
+    assert torch.equal(fused, ref)
+    assert fused[6:].tolist() == [40, 3, 40]
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32-h", "q8-h"])
