@@ -181,3 +181,22 @@ def test_default_probes_fill_the_byte_budget_of_the_default_stage1():
     assert caps["int4"] > caps["int8"]
     with pytest.raises(ValueError, match="stage1 must be one of"):
         build_index(w, 8, hidden_states=h, stage1="int2", progress=False)
+
+
+def test_rows_cap_holds_only_where_the_calibration_texts_reach_the_target():
+    """With a Q8_0 head the byte budget allows more probes than DEFAULT_ROWS_BUDGET's rows: the default keeps the
+    rows cap where the calibration states reach DEFAULT_CONTAINMENT within it, else takes the byte budget's."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1200, 1, 32, generator=g)
+    amax = w.abs().amax(-1, keepdim=True)
+    w = ((torch.round(w * (127 / amax)) + 0.0) * (amax / 127).half().float()).view(1200, 32)  # exactly Q8_0
+    spread = _states(2000, 32)
+    easy = w[torch.arange(2000) % 3] * 10  # the argmax is one of 3 tokens, always scored: 1 probe suffices
+    for h, capped in ((easy, True), (spread, False)):
+        d = build_index(w, 8, hidden_states=h, frequent=5, progress=False).config
+        defaults = d.build["defaults"]
+        assert d.stage2 == "q8_0" and defaults["probes_max_in_bytes"] > defaults["probes_max_in_rows"]
+        assert (defaults["probes_needed"] <= defaults["probes_max_in_rows"]) == capped
+        assert d.n_probes == (defaults["probes_max_in_rows"] if capped else
+                              min(d.num_clusters, defaults["probes_max_in_bytes"]))
+        assert ("not capped" in defaults["rule"]) != capped

@@ -203,3 +203,6 @@ def test_calibration_sets_one_per_text(smollm2):
     assert torch.equal(second, calibration_states(model, tok, flashhead.load_text(DEFAULT_CALIBRATION_TEXTS[1]), 150))
     with pytest.raises(ValueError, match="2 positions"):
         calibration_sets(model, tok, ["emma"], positions=1)
+    (mixed,) = calibration_sets(model, tok, ["emma+persuasion"], positions=300)  # half the positions each
+    assert torch.equal(mixed, torch.cat([calibration_states(model, tok, flashhead.load_text(t), 150)
+                                         for t in ("emma", "persuasion")]))

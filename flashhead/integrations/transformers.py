@@ -46,9 +46,18 @@ def default_index_dir(model_ref: str) -> Path:
     return cache_dir() / f"indexes-v{FORMAT_VERSION}-d{DEFAULTS_REVISION}" / slug
 
 
+def calibration_for(model_ref: str) -> tuple[str, ...]:
+    """The calibration texts of ``model_ref``'s default index: a built-in model's own, else the defaults."""
+    from ..models import BUILTIN_MODELS
+
+    m = BUILTIN_MODELS.get(model_ref)
+    return m.calibration if m is not None and m.calibration else DEFAULT_CALIBRATION_TEXTS
+
+
 def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None, *, progress: bool = True,
               **build_kwargs) -> FlashHeadIndex:
-    """The model's index from ``folder`` (default :func:`default_index_dir`), built and saved if missing.
+    """The model's index from ``folder`` (default :func:`default_index_dir`), built and saved if missing
+    (calibrated on :func:`calibration_for` unless ``build_kwargs`` say otherwise).
 
     An index there that belongs to another head is an error, not silently replaced.
     """
@@ -58,6 +67,7 @@ def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None
     check_save_target(folder)  # a file there: say so now, not after the build
     if progress:
         print(f"no FlashHead index at {folder}: building it once", flush=True)
+    build_kwargs.setdefault("calibration_texts", calibration_for(model_ref))
     index = build_for_model(model, tokenizer, model_name=model_ref, progress=progress, **build_kwargs)
     index.save(folder)
     return index
@@ -102,14 +112,19 @@ def _listed(x, single: type) -> list:
 def calibration_sets(model, tokenizer, texts: str | Sequence[str] = DEFAULT_CALIBRATION_TEXTS,
                      positions: int = 4096) -> list[torch.Tensor]:
     """The calibration hidden states of :func:`build_for_model`, one tensor per built-in text:
-    ``positions`` of the first text, half as many of each other one."""
+    ``positions`` of the first text, half as many of each other one. A name ``a+b`` mixes texts: its
+    positions are shared equally between them, and their states are concatenated."""
     from ..data import load_text
 
     names = _listed(texts, str)
     if not names or positions < 2:
         raise ValueError(f"need at least one calibration text and 2 positions, got {names} and {positions}")
-    return [calibration_states(model, tokenizer, load_text(n), positions if i == 0 else positions // 2)
-            for i, n in enumerate(names)]
+
+    def states(name: str, n: int) -> torch.Tensor:
+        parts = name.split("+")
+        return torch.cat([calibration_states(model, tokenizer, load_text(t), n // len(parts)) for t in parts])
+
+    return [states(n, positions if i == 0 else positions // 2) for i, n in enumerate(names)]
 
 
 def eos_ids(model, tokenizer) -> list[int]:
