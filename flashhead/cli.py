@@ -121,10 +121,7 @@ def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=
     if model is None:
         model, tok = _models.load_model(model_ref)
     t0 = time.perf_counter()
-    from .integrations.transformers import calibration_for
-
-    calibration = (list(calibration_for(model_ref)) if args.calibration is None else
-                   None if args.calibration == ["none"] else args.calibration)
+    calibration = None if args.calibration == ["none"] else args.calibration
     print(f"building the FlashHead index of {model_ref}: cluster size {args.cluster_size or 'auto'}, seed {args.seed}, "
           f"calibration {' + '.join(calibration) if calibration else 'none (spherical)'}", flush=True)
     index = build_for_model(model, tok, cluster_size=args.cluster_size, calibration_texts=calibration,
@@ -250,13 +247,12 @@ def _add_build_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 2 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
     s.add_argument("--iters", type=int, default=10, help="at most this many clustering iterations (default 10; fewer once the objective stops improving)")
-    s.add_argument("--calibration", type=_text_list, default=None, metavar="TEXTS",
+    s.add_argument("--calibration", type=_text_list, default=list(DEFAULT_CALIBRATION_TEXTS), metavar="TEXTS",
                    help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news; a+b mixes two "
                         "texts, half the positions each): the first sets the clustering geometry and the "
                         "always-scored tokens, and the build reports the probes each needs; or 'none' for "
                         "spherical clustering of raw rows "
-                        f"(default {','.join(DEFAULT_CALIBRATION_TEXTS)}; a built-in model may name its own: "
-                        "code-tune+prideprejudice,sensesensibility for qwen2.5-coder-0.5b)")
+                        f"(default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
     s.add_argument("--positions", type=int, default=4096, help="calibration positions of the first text, half as many "
                                                                "of each other one (default 4096)")
 

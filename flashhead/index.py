@@ -40,8 +40,8 @@ from .validate import read_assets
 #: revision of the build defaults (cluster size, probe rule); 2: clusters of 2 below 131,072 tokens and
 #: probes filling the byte budget; 3: Q8_0 heads are recorded (stage 2 reads int8 rows) and the probes
 #: are also capped at DEFAULT_ROWS_BUDGET; 4: that rows cap holds only where the calibration texts reach
-#: DEFAULT_CONTAINMENT within it (else the byte budget's probes), and built-in models may name their own
-#: calibration texts (Qwen2.5-Coder: code and prose). Cached indexes are kept per revision, so new defaults
+#: DEFAULT_CONTAINMENT within it (else the byte budget's probes), and the first calibration set mixes Python
+#: code and prose (data.DEFAULT_CALIBRATION_TEXTS). Cached indexes are kept per revision, so new defaults
 #: build anew.
 DEFAULTS_REVISION = 4
 
@@ -152,9 +152,9 @@ DEFAULT_BYTES_BUDGET = 0.10
 #: and at most this fraction of the vocabulary's rows scored in stage 2: with fp32 rows the bytes bind
 #: first; with Q8_0 rows (~3.8x fewer bytes each) this does, so the bytes saved become speed, not more
 #: probes (docs/fidelity.md, "Stage 2 in Q8_0"). A speed preference only: where a calibration text needs
-#: more probes than it allows for DEFAULT_CONTAINMENT (Qwen2.5-Coder: 2,086 against 945), the default
+#: more probes than it allows for DEFAULT_CONTAINMENT (Qwen2.5-Coder: 1,920 against 945), the default
 #: takes the byte budget's probes instead. A yes/no use of that quantile, far from the line on the
-#: built-in models (Gemma needs 712 of its 1,634, SmolLM2 265 of 2,425).
+#: built-in models (Gemma needs 598 of its 1,634, SmolLM2 328 of 2,425).
 DEFAULT_ROWS_BUDGET = 0.10
 DEFAULT_FREQUENT = 64
 #: vocabularies below this size get small clusters and int4 stage 1 (see :func:`default_cluster_size`)

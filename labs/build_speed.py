@@ -4,9 +4,8 @@
 
 Each model is built in its own subprocess: load the model (weights copied into anonymous memory),
 reset the peak-RSS counter (Linux ``/proc/self/clear_refs``), then time the two parts of a build:
-calibration hidden states (forward passes over the model's calibration texts, ``calibration_for``: 4,096
-positions of Pride and Prejudice, or of Python code and Pride and Prejudice half each for Qwen2.5-Coder, and
-2,048 of Sense and Sensibility) and clustering (S^(1/2) map +
+calibration hidden states (forward passes over the default calibration texts: 4,096 positions of Python code
+and Pride and Prejudice, half each, and 2,048 of Sense and Sensibility) and clustering (S^(1/2) map +
 balanced k-means + centroids + calibrating the default setting), at the default cluster size. Peak memory is VmHWM minus the RSS after loading, i.e. what the
 build adds on top of the loaded model. Targets: SmolLM2 <= 20 s, Gemma <= 120 s, Qwen2.5-Coder <= 90 s
 wall on 2 cores, <= 4 GB above the loaded model. The build writes nothing to disk.
@@ -28,7 +27,7 @@ def _child(model_ref: str, threads: int) -> dict:
     import torch
 
     from flashhead.bench.memory import materialize, reset_peak, rss_kb
-    from flashhead.integrations.transformers import build_for_model, calibration_for, calibration_sets
+    from flashhead.integrations.transformers import build_for_model, calibration_sets
     from flashhead.models import load_model
 
     torch.set_num_threads(threads)
@@ -38,11 +37,9 @@ def _child(model_ref: str, threads: int) -> dict:
     if not reset_peak():
         raise SystemExit("cannot reset the peak-RSS counter (needs Linux /proc/self/clear_refs)")
     t0 = time.perf_counter()
-    texts = calibration_for(model_ref)
-    states = calibration_sets(model, tok, texts)
+    states = calibration_sets(model, tok)
     t1 = time.perf_counter()
-    index = build_for_model(model, tok, calibration_texts=texts, hidden_states=states, model_name=model_ref,
-                            progress=True)
+    index = build_for_model(model, tok, hidden_states=states, model_name=model_ref, progress=True)
     t2 = time.perf_counter()
     r = rss_kb()
     cfg = index.config

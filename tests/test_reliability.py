@@ -762,7 +762,7 @@ def test_cli_build_calibration_texts_are_checked_at_parse_time(capsys):
     from flashhead.cli import build_parser
 
     parse = build_parser().parse_args
-    assert parse(["build", "smollm2-135m"]).calibration is None  # the model's own (calibration_for)
+    assert parse(["build", "smollm2-135m"]).calibration == ["code-tune+prideprejudice", "sensesensibility"]
     assert parse(["build", "x", "--calibration", "code-tune+emma,brown"]).calibration == ["code-tune+emma", "brown"]
     assert parse(["build", "smollm2-135m", "--calibration", "brown, emma"]).calibration == ["brown", "emma"]
     assert parse(["build", "smollm2-135m", "--calibration", "none"]).calibration == ["none"]
@@ -772,7 +772,3 @@ def test_cli_build_calibration_texts_are_checked_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         parse(["build", "smollm2-135m", "--calibration", "emma+bar"])
     assert "unknown text bar; choose from" in capsys.readouterr().err
-    from flashhead.integrations.transformers import calibration_for
-
-    assert calibration_for("smollm2-135m") == ("prideprejudice", "sensesensibility") == calibration_for("a/folder")
-    assert calibration_for("qwen2.5-coder-0.5b") == ("code-tune+prideprejudice", "sensesensibility")

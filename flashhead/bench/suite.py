@@ -17,7 +17,7 @@ from .timing import HeadConfig, cpu_busy, loadavg, log, machine_info, measure_ba
 __all__ = ["SCHEMA", "HELD_OUT_TEXT", "Settings", "run_benchmark"]
 
 SCHEMA = "flashhead-bench/1"
-HELD_OUT_TEXT = "persuasion"  # never used to build an index (those are calibrated on prideprejudice and sensesensibility)
+HELD_OUT_TEXT = "persuasion"  # never used to build an index (data.DEFAULT_CALIBRATION_TEXTS)
 
 
 @dataclass

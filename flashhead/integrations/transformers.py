@@ -46,18 +46,9 @@ def default_index_dir(model_ref: str) -> Path:
     return cache_dir() / f"indexes-v{FORMAT_VERSION}-d{DEFAULTS_REVISION}" / slug
 
 
-def calibration_for(model_ref: str) -> tuple[str, ...]:
-    """The calibration texts of ``model_ref``'s default index: a built-in model's own, else the defaults."""
-    from ..models import BUILTIN_MODELS
-
-    m = BUILTIN_MODELS.get(model_ref)
-    return m.calibration if m is not None and m.calibration else DEFAULT_CALIBRATION_TEXTS
-
-
 def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None, *, progress: bool = True,
               **build_kwargs) -> FlashHeadIndex:
-    """The model's index from ``folder`` (default :func:`default_index_dir`), built and saved if missing
-    (calibrated on :func:`calibration_for` unless ``build_kwargs`` say otherwise).
+    """The model's index from ``folder`` (default :func:`default_index_dir`), built and saved if missing.
 
     An index there that belongs to another head is an error, not silently replaced.
     """
@@ -67,7 +58,6 @@ def index_for(model_ref: str, model, tokenizer, folder: str | Path | None = None
     check_save_target(folder)  # a file there: say so now, not after the build
     if progress:
         print(f"no FlashHead index at {folder}: building it once", flush=True)
-    build_kwargs.setdefault("calibration_texts", calibration_for(model_ref))
     index = build_for_model(model, tokenizer, model_name=model_ref, progress=progress, **build_kwargs)
     index.save(folder)
     return index
