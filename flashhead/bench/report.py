@@ -18,6 +18,9 @@ TARGETS = {
         ("head_b1", "head level, batch 1, FlashHead (default setting) vs dense fp32", 5.0),
         ("amdahl_b1", "whole model, batch 1, speed-up / Amdahl bound", 0.9),
     ],
+    "qwen2.5-coder-0.5b": [
+        ("amdahl_b1", "whole model, batch 1, speed-up / Amdahl bound", 0.9),
+    ],
 }
 
 
