@@ -31,30 +31,13 @@ neighbouring clusters:
 4. *Update.*  The centroids are the means, but the next assignment uses over-relaxed
    centroids ``c <- c + 2 (mean - c)``: under capacity constraints plain Lloyd creeps
    (a cluster's move is held back by the prices of its neighbours) and relaxation about
-   doubles the progress per iteration (SmolLM2, 10 iterations: 2.903 -> 2.870; 20
-   iterations: 2.840).  If the objective rises, the next step restarts from the best
-   means with the relaxation halved; the best partition seen is returned.
+   doubles the progress per iteration.  If the objective rises, the next step restarts from
+   the best means with the relaxation halved; the best partition seen is returned.
 
 Why not the greedy fill (pairs by distance, first come first served): rows that find all
-their near clusters full must take a far one, and a far row is lost to retrieval.  The
-auction displaces whichever row loses least.  In the same harness the greedy method (8
-flat iterations, top-32 candidates) reached SmolLM2 objective 2.925 and p=64 containment
-92.7 %; this one 2.856 and 96.2 %.  Larger groups help a little (10 iterations without
-relaxation: 128 -> 2.903, 256 -> 2.890, 512 -> 2.883, 1024 -> 2.877) at proportional cost.
-
-Measured (2 CPU cores, torch threads = 2, default arguments).  Wall time of the clustering
-(map + k-means + centroids) and peak memory of the whole build above the loaded model:
-``labs/build_speed.py`` (idle machine, seed 0).  Objective and top-1 containment of the
-dense argmax token in the top-p clusters (float centroid scores, 4096 held-out positions of
-Emma, S from Pride and Prejudice; mean of seeds 0-2): ``labs/cluster_lab.py``:
-
-    model (n, d, K)                   wall    peak extra  objective  p=32  p=64  p=128 p=256 p=512 p=1024
-    SmolLM2-135M (49152, 576, 3072)     7.1 s  591 MB      2.857      93.3  96.2  97.8  99.3  99.9  99.97
-    Gemma-3-270M (262144, 640, 16384) 39.7 s  1986 MB      2.657      95.8  98.5  99.4  99.9  99.97 99.99
-
-SmolLM2 misses at small p are dominated by one frequent, isolated token ('\\n', id 198:
-the argmax at 11 % of positions; its nearest other row is 7x the mean objective away), so
-they vary with the seed by about +-1 % at p=64.
+their near clusters full must take a far one, and a far row is lost to retrieval; the
+auction displaces whichever row loses least.  The lab figures behind these choices (objective,
+containment, group sizes, wall time, memory) are in docs/benchmarks.md, "Building an index".
 
 Empty slots: the ``E = K * cap - n`` (``< cap``) empty slots are spread as evenly as
 possible over the *last* clusters, at the end of their rows: with ``E <= K`` (always when
