@@ -28,14 +28,16 @@ head under ``transformers``' ``generate()`` (logits processors/warpers keep work
 Kernels, each chosen by measurement on CPU (tables and labs: docs/kernels.md):
 
 * stage 1 ``"float"``: fp32 ``h @ Ct``, centroids stored pre-transposed ``[d, K]``;
-  ``"int8"``: per-centroid symmetric int8, activations quantized per row, ``torch._int_mm``
-  (exact int32 accumulation); ``"int4"``: the centroids minus their mean (scored exactly), int4
-  per group of 64 with a bf16 scale and zero, ``aten._weight_int4pack_mm_for_cpu`` with bf16
+  ``"int8"``: per-centroid symmetric int8, activations quantized per row, exact int32 sums (the
+  compiled ``int8_scores`` on CPU, with ``torch._int_mm``'s bits; ``_int_mm`` without it);
+  ``"int4"``: the centroids minus their mean (scored exactly), int4 per group of 64 with a bf16
+  scale and zero, ``aten._weight_int4pack_mm_for_cpu`` with bf16
   activations: half of int8's bytes, as fast at small batches, slower at N >= 16; its scores
   come out rounded to bf16.  On other devices the quantized modes dequantize and matmul.
 * stage 2: fp32 and Q8_0 rows on CPU go through compiled fused gather + dot kernels
   (``_kernels.py``) that read each probed row once, a batch's probes in cluster order; otherwise
   each row gathers its clusters in ~1 MiB chunks into a reused buffer, one GEMV per chunk.
+* ``greedy`` on Q8_0 rows runs stage 2, the always-scored ids and the argmax in one compiled call.
 * ``forward`` pays for its full-width tensor with the ``-inf`` fill; ``scatter_reduce(amax)``
   is deterministic, and empty slots' ``-inf`` never hides a real logit.
 

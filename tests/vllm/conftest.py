@@ -11,6 +11,8 @@ import importlib.util
 import os
 import tempfile
 
+import pytest
+
 # This folder is itself a namespace package named "vllm" on pytest's path: only a real package (one with
 # an origin file) counts.
 _spec = importlib.util.find_spec("vllm")
@@ -23,6 +25,22 @@ if not HAVE_VLLM:
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1",
                   VLLM_CPU_KVCACHE_SPACE="1")
 os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="flashhead-vllm-cache-"))
+
+
+@pytest.fixture(scope="session")
+def gemma_folder(tmp_path_factory):
+    """Gemma-3-270M's servable folder, exported once per session (read only: every module's engine serves it)."""
+    from vllm_helpers import export
+
+    return export("gemma3-270m", tmp_path_factory.mktemp("gemma") / "served")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M's servable folder, exported once per session (read only)."""
+    from vllm_helpers import export
+
+    return export("smollm2-135m", tmp_path_factory.mktemp("smol") / "served")
 
 
 def pytest_report_header(config):

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import pytest
-from vllm_helpers import engine, export, folder_greedy, head_facts, real_prompts
+from vllm_helpers import engine, folder_greedy, head_facts, real_prompts
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return export("gemma3-270m", tmp_path_factory.mktemp("gemma") / "served")
-
-
-@pytest.fixture(scope="module")
-def expected(folder):
+def expected(gemma_folder):
     """The transformers integration's greedy tokens (before the engine starts: one model at a time)."""
-    return folder_greedy(folder, real_prompts(), NEW_TOKENS)
+    return folder_greedy(gemma_folder, real_prompts(), NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def llm(folder, expected):
-    with engine(folder) as llm:
+def llm(gemma_folder, expected):
+    with engine(gemma_folder) as llm:
         yield llm
 
 

@@ -9,29 +9,24 @@ from __future__ import annotations
 import os
 
 import pytest
-from vllm_helpers import engine, export, folder_greedy, head_facts, real_prompts
+from vllm_helpers import engine, folder_greedy, head_facts, real_prompts
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return export("gemma3-270m", tmp_path_factory.mktemp("gemma_tp") / "served")
+def expected(gemma_folder):
+    return folder_greedy(gemma_folder, real_prompts(2), NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def expected(folder):
-    return folder_greedy(folder, real_prompts(2), NEW_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def llm(folder, expected):
+def llm(gemma_folder, expected):
     # one core per rank (../shared/engines.md: the automatic pinning reserves a core per rank, none is left)
     before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
-        with engine(folder, tensor_parallel_size=2) as llm:
+        with engine(gemma_folder, tensor_parallel_size=2) as llm:
             yield llm
     finally:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before or ""

@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 import torch
-from vllm_helpers import export, greedy_reference, reference_model
+from vllm_helpers import greedy_reference, reference_model
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -32,15 +32,10 @@ START_TIMEOUT = 600  # seconds: the server starts in ~1 min on an idle 2-core ma
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return export("smollm2-135m", tmp_path_factory.mktemp("smol_server") / "served")
-
-
-@pytest.fixture(scope="module")
-def expected(folder):
+def expected(smollm2_folder):
     """The transformers integration's greedy answer to QUESTION (before the server starts)."""
     torch.set_num_threads(1)
-    model, tok = reference_model(folder)
+    model, tok = reference_model(smollm2_folder)
     try:
         prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
         [ids] = greedy_reference(model, tok, [prompt], MAX_TOKENS)
@@ -63,10 +58,10 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(folder, expected, tmp_path_factory):
+def server(smollm2_folder, expected, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server_log") / "vllm-serve.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--enforce-eager", "--seed", "0"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a user runs it: engine core in a subprocess
     with open(log, "w") as out:
@@ -95,11 +90,11 @@ def server(folder, expected, tmp_path_factory):
             proc.wait()
 
 
-def test_openai_chat_completions_with_flashhead(server, folder, expected):
+def test_openai_chat_completions_with_flashhead(server, smollm2_folder, expected):
     base, log = server
-    greedy = _post(f"{base}/v1/chat/completions", {"model": str(folder), "messages": QUESTION,
+    greedy = _post(f"{base}/v1/chat/completions", {"model": str(smollm2_folder), "messages": QUESTION,
                                                    "max_tokens": MAX_TOKENS, "temperature": 0.0})
-    sampled = _post(f"{base}/v1/chat/completions", {"model": str(folder), "messages": QUESTION,
+    sampled = _post(f"{base}/v1/chat/completions", {"model": str(smollm2_folder), "messages": QUESTION,
                                                     "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": 3})
     assert greedy["choices"][0]["message"]["content"] == expected
     assert "Paris" in expected

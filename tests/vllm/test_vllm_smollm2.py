@@ -10,7 +10,7 @@ import gc
 
 import pytest
 import torch
-from vllm_helpers import engine, export, greedy_reference, head_facts, real_prompts, reference_model
+from vllm_helpers import engine, greedy_reference, head_facts, real_prompts, reference_model
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
@@ -20,18 +20,13 @@ TEMPERATURE = 1.0
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return export("smollm2-135m", tmp_path_factory.mktemp("smol") / "served")
-
-
-@pytest.fixture(scope="module")
-def ref(folder):
+def ref(smollm2_folder):
     """What the transformers integration does on the folder: greedy tokens of the real prompts, and for
     SAMPLE_PROMPT's next token the candidates, the dense logits and SAMPLES draws of FlashHead's sampler."""
     from flashhead.integrations.transformers import dense_logits, flashhead_of
 
     torch.set_num_threads(1)
-    model, tok = reference_model(folder)
+    model, tok = reference_model(smollm2_folder)
     out = {"greedy": greedy_reference(model, tok, real_prompts(), NEW_TOKENS)}
     with torch.inference_mode():
         ids = tok(SAMPLE_PROMPT, return_tensors="pt").input_ids
@@ -48,8 +43,8 @@ def ref(folder):
 
 
 @pytest.fixture(scope="module")
-def llm(folder, ref):
-    with engine(folder) as llm:
+def llm(smollm2_folder, ref):
+    with engine(smollm2_folder) as llm:
         yield llm
 
 
@@ -57,11 +52,11 @@ def _tokens(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def test_the_plugin_serves_the_folder(llm, folder):
+def test_the_plugin_serves_the_folder(llm, smollm2_folder):
     import json
 
     [facts] = llm.apply_model(head_facts)
-    block = json.loads((folder / "config.json").read_text())["flashhead"]
+    block = json.loads((smollm2_folder / "config.json").read_text())["flashhead"]
     assert facts["arch"] == "FlashHeadLlamaForCausalLM" and facts["vocab"] == 49152
     assert (facts["K"], facts["cap"], facts["n_probes"], facts["stage1"]) == (24576, 2, block["n_probes"], "int4")
 
