@@ -59,6 +59,19 @@ def test_the_plugin_serves_the_folder(llm, smollm2_folder):
     block = json.loads((smollm2_folder / "config.json").read_text())["flashhead"]
     assert facts["arch"] == "FlashHeadLlamaForCausalLM" and facts["vocab"] == 49152
     assert (facts["K"], facts["cap"], facts["n_probes"], facts["stage1"]) == (24576, 2, block["n_probes"], "int4")
+    # the GGUF's Q8_0 head read as int8 rows; the dense rows read the model's own tensor (TP=1)
+    assert facts["stage2"] == "q8_0" and facts["dense_copy"] and facts["one_hot_greedy"]
+
+
+def test_only_plain_greedy_requests_get_a_one_hot_row():
+    """Penalties change which candidate wins, so a penalised greedy request keeps its candidates' logits."""
+    from flashhead.integrations.vllm.requests import row_spec
+    from vllm import SamplingParams
+
+    assert row_spec(SamplingParams(temperature=0.0)) is None  # plain: one-hot at FlashHead's argmax
+    for penalty in ({"repetition_penalty": 1.3}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}):
+        spec = row_spec(SamplingParams(temperature=0.0, **penalty))
+        assert spec is not None and spec.temperature is None and not spec.dense
 
 
 def test_greedy_tokens_equal_the_transformers_integration(llm, ref):

@@ -85,4 +85,5 @@ def head_facts(model) -> dict:
     head = fh.head
     return {"arch": type(model).__name__, "K": head.K, "cap": head.cap, "stage1": head.stage1,
             "n_probes": head.n_probes, "rows_bytes": head.rows.numel() * head.rows.element_size(),
-            "vocab": fh.vocab, "dense_fallbacks": fh.dense_fallbacks}
+            "stage2": "float" if head.row_scales is None else "q8_0", "one_hot_greedy": fh.one_hot_greedy,
+            "dense_copy": fh._dense_w is not None, "vocab": fh.vocab, "dense_fallbacks": fh.dense_fallbacks}

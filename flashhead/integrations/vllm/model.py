@@ -6,7 +6,9 @@ checked against the loaded head), and ``compute_logits`` returns full-width logi
 outside FlashHead's candidates, so vLLM's sampler applies temperature, top-k/top-p, min-p,
 penalties, ``allowed_token_ids``, logit bias and grammars unchanged. Per row (see :mod:`.requests`):
 
-- greedy requests: the top-p clusters' exact logits (plus the always-scored ids);
+- plain greedy requests (no penalties, no logprobs, no masks): a one-hot row at FlashHead's argmax
+  (``FlashHead.greedy``: one compiled call on Q8_0 rows, no candidate logits written);
+- greedy requests with penalties: the top-p clusters' exact logits (plus the always-scored ids);
 - sampled requests: the same plus one tail cluster drawn at the request's temperature, whose logits
   carry the estimated mass of all unprobed clusters (``FlashHead.forward`` with a temperature);
 - ``allowed_token_ids`` and ``logit_bias`` ids are scored exactly on top;
@@ -15,9 +17,11 @@ penalties, ``allowed_token_ids``, logit bias and grammars unchanged. Per row (se
   the candidates; if the masks leave no candidate, the tracker recomputes that row with the dense
   head over what the masks left, else the sentinel becomes ``-inf``.
 
-Rows are laid out cluster by cluster in one tensor that FlashHead reads; the dense head (and every
-exact extra logit) reads the same tensor. Under tensor parallelism each rank gathers the vocab
-shards once at load and holds the whole FlashHead (replicated, no communication per step).
+Rows are laid out cluster by cluster in one tensor that FlashHead reads: int8 rows with fp16
+scales when the head is exactly Q8_0 (every built-in model's, from its GGUF), else float rows.
+At TP=1 the dense rows read the model's own head tensor (no second copy). Under tensor parallelism
+each rank gathers the vocab shards once at load, keeps the whole FlashHead (replicated, no
+communication per step) and drops the gathered copy; its dense rows dequantize the Q8_0 rows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from ...head import FlashHead
+from ...head import FlashHead, q8_0_dequantize, q8_0_rows
 from .folder import CONFIG_KEY, load_index, read_spec
 from .requests import RowSpec, tracker_for
 
@@ -42,6 +46,8 @@ logger = logging.getLogger("vllm.flashhead")
 
 #: "outside the candidates" for rows that masks may empty: finite, so that what a mask leaves is visible
 SENTINEL = -1e30
+#: rows dequantized at a time for a dense row over Q8_0 rows alone (~25 MB of fp32 at d = 768)
+_DENSE_CHUNK = 8192
 _NEG_INF = float("-inf")
 
 
@@ -58,21 +64,34 @@ def _full_head_weight(lm_head, vocab: int) -> torch.Tensor:
 
 
 class ServedHead:
-    """FlashHead over a vLLM model's head, with vLLM's logit scale and soft cap, answering per-row specs."""
+    """FlashHead over a vLLM model's head, with vLLM's logit scale and soft cap, answering per-row specs.
 
-    def __init__(self, head: FlashHead, scale: float = 1.0, soft_cap: float | None = None) -> None:
+    ``dense_weight``: the head in token order ``[>= V, d]`` for the dense rows (at TP=1 the model's own
+    tensor, no copy); None computes them from FlashHead's rows (dequantized block by block if Q8_0).
+    """
+
+    def __init__(self, head: FlashHead, scale: float = 1.0, soft_cap: float | None = None,
+                 dense_weight: torch.Tensor | None = None) -> None:
         if not scale > 0:
             raise ValueError(f"FlashHead needs a positive logit scale, got {scale}")
         self.head, self.scale, self.soft_cap = head, float(scale), soft_cap
         self.vocab = head.out_features
-        self._flat = head.rows.view(-1, head.d)  # [K*cap, d], the one copy of the head rows
+        self._flat = head.rows.view(-1, head.d)  # [K*cap, d], cluster-ordered
+        self._flat_scales = None if head.row_scales is None else head.row_scales.view(self._flat.shape[0], -1)
+        self._dense_w = None if dense_weight is None else dense_weight[: self.vocab]
         self._no_slot = head.token_slot < 0  # tokens without a row (beyond the tokenizer)
         self._slot = head.token_slot.clamp(min=0)
+        # plain greedy rows get a one-hot row at FlashHead's argmax: exact only where vLLM's scaling
+        # cannot merge two logits (no soft cap, unit scale)
+        self.one_hot_greedy = soft_cap is None and self.scale == 1.0
         self.dense_fallbacks = 0  # rows recomputed densely because the masks left no candidate
 
     @classmethod
     def for_model(cls, model, vllm_config) -> ServedHead:
-        """Read the model folder's index, check it against the loaded head and lay the rows out."""
+        """Read the model folder's index, check it against the loaded head and lay the rows out.
+
+        A head that is exactly Q8_0 (a GGUF's, dequantized) is laid out as int8 rows and fp16 scales:
+        stage 2 reads 3.8x fewer bytes and gives the same logits as the float head."""
         mc = vllm_config.model_config
         hf = mc.hf_config
         folder = Path(mc.model)
@@ -85,22 +104,48 @@ class ServedHead:
         index = load_index(spec, weight)
         c = index.config
         slots = index.slot_token
-        rows = weight.new_zeros(c.num_clusters * c.cluster_size, c.hidden_size)
         filled = (slots >= 0).flatten()
-        rows[filled] = weight[slots.flatten()[filled]]
+        order = slots.flatten()[filled]
+        q8 = q8_0_rows(weight)
+        rows, scales = (weight, None) if q8 is None else q8
+
+        def clustered(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(c.num_clusters * c.cluster_size, t.shape[1])
+            out[filled] = t[order]
+            return out.view(c.num_clusters, c.cluster_size, -1)
+
+        head = FlashHead(clustered(rows), slots, index.centroids, out_features=c.vocab_size, n_probes=c.n_probes,
+                         always_ids=torch.tensor(c.always_ids, dtype=torch.long), stage1=c.stage1,
+                         row_scales=None if scales is None else clustered(scales))
+        del rows, scales
+        # at TP=1 the weight is the model's own tensor: the dense rows read it; a gathered copy is dropped
+        dense_weight = weight if model.lm_head.tp_size == 1 else None
         del weight
-        head = FlashHead(rows.view(c.num_clusters, c.cluster_size, c.hidden_size), slots, index.centroids,
-                         out_features=c.vocab_size, n_probes=c.n_probes,
-                         always_ids=torch.tensor(c.always_ids, dtype=torch.long), stage1=c.stage1)
         lp = model.logits_processor
-        logger.info("FlashHead (%s index): K=%d clusters of %d, p=%d probes, stage 1 %s, %d always-scored ids",
-                    spec.kind, c.num_clusters, c.cluster_size, c.n_probes, c.stage1, len(c.always_ids))
-        return cls(head, lp.scale, lp.soft_cap)
+        logger.info("FlashHead (%s index): K=%d clusters of %d, p=%d probes, stage 1 %s, stage 2 %s, "
+                    "%d always-scored ids", spec.kind, c.num_clusters, c.cluster_size, c.n_probes, c.stage1,
+                    "float" if q8 is None else "q8_0", len(c.always_ids))
+        return cls(head, lp.scale, lp.soft_cap, dense_weight)
 
     # ------------------------------------------------------------ the pieces
+    def _row_weights(self, slots: torch.Tensor) -> torch.Tensor:
+        """FlashHead's rows at ``slots`` as floats (Q8_0 rows dequantized: the same values)."""
+        rows = self._flat.index_select(0, slots)
+        if self._flat_scales is None:
+            return rows
+        return q8_0_dequantize(rows, self._flat_scales.index_select(0, slots))
+
     def dense(self, h: torch.Tensor) -> torch.Tensor:
-        """Exact dense logits ``[n, V]`` (float32) from the same rows."""
-        out = (h.to(self._flat.dtype) @ self._flat.T).float().index_select(1, self._slot)
+        """Exact dense logits ``[n, V]`` (float32)."""
+        if self._dense_w is not None:
+            out = (h.to(self._dense_w.dtype) @ self._dense_w.T).float()
+        elif self._flat_scales is None:
+            out = (h.to(self._flat.dtype) @ self._flat.T).float().index_select(1, self._slot)
+        else:  # Q8_0 rows only (TP > 1): dequantize a block of rows at a time
+            flat = torch.cat([h.float() @ q8_0_dequantize(self._flat[a:a + _DENSE_CHUNK],
+                                                          self._flat_scales[a:a + _DENSE_CHUNK]).T
+                              for a in range(0, self._flat.shape[0], _DENSE_CHUNK)], dim=1)
+            out = flat.index_select(1, self._slot)
         return out.masked_fill_(self._no_slot, _NEG_INF)
 
     def flash(self, h: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -113,11 +158,18 @@ class ServedHead:
         finally:
             head.temperature, head.generator = None, None
 
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """``[n, V]`` rows that are 0 at FlashHead's argmax and ``-inf`` elsewhere: what vLLM's greedy
+        sampler needs, without the candidates' logits (plain greedy rows only: no penalties, no logprobs)."""
+        out = torch.full((h.shape[0], self.vocab), _NEG_INF, dtype=torch.float32, device=h.device)
+        return out.scatter_(1, self.head.greedy(h).unsqueeze(1), 0.0)
+
     def exact(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, exact logits) of the token ``ids`` below V for one row ``h`` [d] (``-inf`` for ids
         without a row)."""
         ids = ids[ids < self.vocab]
-        out = self._flat.index_select(0, self._slot[ids]) @ h.to(self._flat.dtype)
+        w = self._row_weights(self._slot[ids])
+        out = w @ h.to(w.dtype)
         return ids, out.float().masked_fill_(self._no_slot[ids], _NEG_INF)
 
     def _vllm_scale(self, out: torch.Tensor) -> torch.Tensor:
@@ -131,20 +183,22 @@ class ServedHead:
                ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
         """Full-width logits ``[N, V]`` for a step's rows, and what the sampler must run on them afterwards.
 
-        ``specs``: row -> :class:`RowSpec` (rows without one are plain greedy); None = every row dense.
+        ``specs``: row -> :class:`RowSpec`; rows without one are plain greedy (only the argmax
+        matters: a one-hot row); None = every row dense.
         """
         if specs is None:
             return self._vllm_scale(self.dense(h)), None
-        if not specs:
-            return self._vllm_scale(self.flash(h, None, None)), None
         groups: dict[tuple, list[int]] = defaultdict(list)
         for r in range(h.shape[0]):
-            s = specs.get(r, RowSpec())
-            groups[("dense",) if s.dense else (s.temperature, s.generator)].append(r)
+            groups[self._key(specs.get(r))].append(r)
+        if len(groups) == 1 and not any(s.extra_ids is not None or s.constrained for s in specs.values()):
+            # the common case (every row plain greedy, say): one call, no copy
+            [key] = groups
+            return self._vllm_scale(self._group(h, key)), None
         out = torch.empty(h.shape[0], self.vocab, dtype=torch.float32, device=h.device)
         for key, rows in groups.items():
             idx = torch.tensor(rows, device=h.device)
-            out[idx] = self.dense(h[idx]) if key == ("dense",) else self.flash(h[idx], *key)
+            out[idx] = self._group(h[idx], key)
         for r, s in specs.items():
             if s.extra_ids is not None and not s.dense:
                 ids, vals = self.exact(h[r], s.extra_ids)
@@ -156,6 +210,17 @@ class ServedHead:
         for r in masked:
             out[r].masked_fill_(out[r] == _NEG_INF, SENTINEL)
         return out, lambda logits: self._fallback(logits, h, masked)
+
+    def _key(self, s: RowSpec | None) -> tuple:
+        """How a row is computed: ("argmax",) one-hot, ("dense",), or FlashHead at (temperature, generator)."""
+        if s is None:
+            return ("argmax",) if self.one_hot_greedy else (None, None)
+        return ("dense",) if s.dense else (s.temperature, s.generator)
+
+    def _group(self, h: torch.Tensor, key: tuple) -> torch.Tensor:
+        if key == ("argmax",):
+            return self.greedy(h)
+        return self.dense(h) if key == ("dense",) else self.flash(h, *key)
 
     def _fallback(self, logits: torch.Tensor, h: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """After vLLM's masks: a row with no candidate left is recomputed densely over what the masks
@@ -202,8 +267,7 @@ class FlashHeadMixin:
                 logger.warning("FlashHead: no request tracker in this runner; every row gets greedy candidates "
                                "(sampled requests sample among the candidates only)")
                 self._warned_untracked = True
-            logits, _ = self.flashhead.logits(hidden_states, {})
-            return logits
+            return self.flashhead._vllm_scale(self.flashhead.flash(hidden_states, None, None))
         logits, tracker.finish = self.flashhead.logits(hidden_states, tracker.take(hidden_states.shape[0]))
         return logits
 

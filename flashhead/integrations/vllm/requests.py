@@ -35,7 +35,8 @@ _TRACKERS: dict[int, weakref.ref] = {}
 
 @dataclass
 class RowSpec:
-    """How the head computes one request's row. The default (no spec) is plain greedy FlashHead."""
+    """How the head computes one request's row. No spec: plain greedy, only FlashHead's argmax matters;
+    an all-default spec: greedy whose logit values matter (penalties), FlashHead's candidates."""
 
     temperature: float | None = None  # None: greedy (no sampling tail)
     generator: torch.Generator | None = None  # the request's own stream for the tail draw (seeded requests)
@@ -46,6 +47,8 @@ class RowSpec:
 
 def row_spec(params: SamplingParams) -> RowSpec | None:
     """The spec of a request (None for plain greedy, the common case)."""
+    penalized = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                 or params.presence_penalty != 0.0)
     spec = RowSpec()
     if params.temperature >= GREEDY_BELOW:
         spec.temperature = float(params.temperature)
@@ -58,7 +61,8 @@ def row_spec(params: SamplingParams) -> RowSpec | None:
     extra = set(params.allowed_token_ids or ()) | set(params.logit_bias or ())
     if extra:
         spec.extra_ids = torch.tensor(sorted(extra), dtype=torch.int64)
-    plain = spec.temperature is None and not (spec.dense or spec.constrained) and spec.extra_ids is None
+    plain = (spec.temperature is None and not (spec.dense or spec.constrained or penalized)
+             and spec.extra_ids is None)
     return None if plain else spec
 
 
