@@ -8,7 +8,8 @@ and splits the sorted pairs over torch's intra-op threads; every logit is the sa
 same order whatever the batch or thread count. Three row formats: fp32 rows; Q8_0 rows (int8 plus one
 scale per 32 weights, the GGUF layout) dotted with an fp32 hidden state; and Q8_0 rows dotted with a
 Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Stage 1: int8 centroids times an int8 hidden
-state, one pass over the centroids. Measurements: docs/kernels.md.
+state, one pass over the centroids. Building: the balanced k-means' auction, thousands of rounds of
+small steps, replayed bit for bit in one call. Measurements: docs/kernels.md, docs/benchmarks.md.
 
 Compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
 ``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the source, the
@@ -30,6 +31,7 @@ import torch
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -305,6 +307,131 @@ torch::Tensor q8_greedy_t(const torch::Tensor& rows, const torch::Tensor& scales
                            });
 }
 
+// Balanced k-means' forward auction (flashhead/cluster.py, _auction, which documents it): the same rounds,
+// stable orders and float32 arithmetic as that torch code, so the same owners bit for bit, in one call
+// instead of ~30 small tensor ops per round (thousands of rounds per build). members: padding already
+// replaced by a real member (its cost is inf). Returns (owner [n], rounds).
+std::tuple<torch::Tensor, int64_t> auction(torch::Tensor cost, torch::Tensor members, torch::Tensor row_group,
+                                           torch::Tensor capacity, double eps, double big, int64_t stop_below,
+                                           int64_t max_rounds, int64_t patience) {
+  const int64_t n = cost.size(0), W = cost.size(1), K = capacity.size(0);
+  const float* CO = cost.data_ptr<float>();
+  const int64_t* MB = members.data_ptr<int64_t>();
+  const int64_t* RG = row_group.data_ptr<int64_t>();
+  const int64_t* CP = capacity.data_ptr<int64_t>();
+  const float inf = std::numeric_limits<float>::infinity();
+  const float epsf = static_cast<float>(eps), bigf = static_cast<float>(big);
+  const int64_t cap = *std::max_element(CP, CP + K);
+  std::vector<float> slot_pr(K * cap, 0.f), price(K);
+  std::vector<int64_t> slot_pt(K * cap, -1);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = CP[k]; j < cap; ++j) slot_pr[k * cap + j] = inf;  // slots that do not exist
+    price[k] = *std::min_element(&slot_pr[k * cap], &slot_pr[k * cap] + cap);
+  }
+  auto owner = torch::full({n}, -1, torch::dtype(torch::kInt64));
+  int64_t* OW = owner.data_ptr<int64_t>();
+  std::vector<int64_t> todo(n);
+  for (int64_t i = 0; i < n; ++i) todo[i] = i;
+  struct Bid { int64_t k; float bid; int64_t pos; int64_t who; };
+  std::vector<Bid> bids;
+  std::vector<int64_t> next, out;
+  std::vector<std::pair<float, int64_t>> merged;  // (price, column) of a cluster's incumbents then bids
+  int64_t rounds = 0, low = n + 1, low_round = 0;
+  while (static_cast<int64_t>(todo.size()) > stop_below && rounds < max_rounds && rounds - low_round <= patience) {
+    if (static_cast<int64_t>(todo.size()) < low) { low = todo.size(); low_round = rounds; }
+    ++rounds;
+    bids.resize(todo.size());
+    for (size_t q = 0; q < todo.size(); ++q) {  // best and second best cost + price (first minimum wins)
+      const int64_t t = todo[q];
+      const int64_t* kc = MB + RG[t] * W;
+      const float* c = CO + t * W;
+      float c1 = inf, c2 = inf;
+      int64_t j1 = 0;
+      for (int64_t j = 0; j < W; ++j) {
+        const float v = c[j] + price[kc[j]];
+        if (v < c1 || (j == 0)) { if (j > 0) c2 = std::min(c2, c1); c1 = v; j1 = j; }
+        else c2 = std::min(c2, v);
+      }
+      if (W < 2) c2 = inf;
+      const float margin = std::min(c2 - c1, bigf);
+      bids[q] = {kc[j1], (price[kc[j1]] + margin) + epsf, static_cast<int64_t>(q), t};
+    }
+    std::stable_sort(bids.begin(), bids.end(), [](const Bid& a, const Bid& b) {  // by cluster, then highest bid
+      return a.k != b.k ? a.k < b.k : a.bid > b.bid;
+    });
+    next.clear();
+    out.clear();
+    for (size_t a = 0; a < bids.size();) {
+      size_t e = a;
+      while (e < bids.size() && bids[e].k == bids[a].k) ++e;
+      const int64_t k = bids[a].k, kept = std::min<int64_t>(e - a, cap);
+      merged.clear();
+      for (int64_t j = 0; j < cap; ++j) merged.push_back({slot_pr[k * cap + j], j});
+      for (int64_t j = 0; j < cap; ++j) merged.push_back({j < kept ? bids[a + j].bid : -inf, cap + j});
+      std::stable_sort(merged.begin(), merged.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+      std::vector<int64_t> pt(2 * cap);
+      for (int64_t j = 0; j < cap; ++j) { pt[j] = slot_pt[k * cap + j]; pt[cap + j] = j < kept ? bids[a + j].who : -1; }
+      float lowest = inf;
+      for (int64_t j = 0; j < cap; ++j) {
+        slot_pr[k * cap + j] = merged[j].first;
+        slot_pt[k * cap + j] = pt[merged[j].second];
+        lowest = std::min(lowest, merged[j].first);
+      }
+      price[k] = lowest;
+      for (int64_t j = cap; j < 2 * cap; ++j) {
+        const int64_t w = pt[merged[j].second];
+        if (w >= 0) { out.push_back(w); OW[w] = -1; }
+      }
+      for (int64_t j = 0; j < cap; ++j) if (slot_pt[k * cap + j] >= 0) OW[slot_pt[k * cap + j]] = k;
+      for (size_t r = a + kept; r < e; ++r) next.push_back(bids[r].who);
+      a = e;
+    }
+    out.insert(out.end(), next.begin(), next.end());  // the evicted, then the bids no slot took
+    todo.swap(out);
+  }
+  if (!todo.empty()) {  // greedy completion: nearest cluster of the group with a free slot
+    std::vector<int64_t> free_(CP, CP + K);
+    for (int64_t i = 0; i < n; ++i) if (OW[i] >= 0) --free_[OW[i]];
+    std::sort(todo.begin(), todo.end());
+    struct Pick { int64_t k; float c; int64_t pos; int64_t who; };
+    std::vector<Pick> picks;
+    while (!todo.empty()) {
+      picks.clear();
+      for (size_t q = 0; q < todo.size(); ++q) {
+        const int64_t t = todo[q];
+        const int64_t* kc = MB + RG[t] * W;
+        float c1 = inf;
+        int64_t j1 = 0;
+        for (int64_t j = 0; j < W; ++j) {
+          const float v = free_[kc[j]] <= 0 ? inf : CO[t * W + j];
+          if (v < c1 || j == 0) { c1 = v; j1 = j; }
+        }
+        TORCH_CHECK(std::isfinite(c1), "balanced_kmeans: internal error, a group ran out of slots");
+        picks.push_back({kc[j1], c1, static_cast<int64_t>(q), t});
+      }
+      std::stable_sort(picks.begin(), picks.end(), [](const Pick& a, const Pick& b) {
+        return a.k != b.k ? a.k < b.k : a.c < b.c;
+      });
+      std::vector<int64_t> rest;
+      std::vector<int64_t> taken(K, 0);
+      for (size_t a = 0; a < picks.size();) {
+        size_t e = a;
+        while (e < picks.size() && picks[e].k == picks[a].k) ++e;
+        const int64_t k = picks[a].k;
+        for (size_t r = a; r < e; ++r) {
+          if (static_cast<int64_t>(r - a) < free_[k]) { OW[picks[r].who] = k; ++taken[k]; }
+          else rest.push_back(picks[r].who);
+        }
+        a = e;
+      }
+      for (int64_t k = 0; k < K; ++k) free_[k] -= taken[k];
+      std::sort(rest.begin(), rest.end());
+      todo.swap(rest);
+    }
+  }
+  return {owner, rounds};
+}
+
 torch::Tensor q8_greedy(torch::Tensor rows, torch::Tensor scales, torch::Tensor slot_token, torch::Tensor clusters,
                         torch::Tensor h, torch::Tensor always_slots, bool quantize) {
   if (scales.scalar_type() == torch::kFloat16)
@@ -313,7 +440,8 @@ torch::Tensor q8_greedy(torch::Tensor rows, torch::Tensor scales, torch::Tensor 
 }
 """
 
-_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "q8_0_quantize", "q8_greedy"]
+_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "q8_0_quantize", "q8_greedy",
+              "auction"]
 # -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
 # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -428,6 +556,21 @@ def q8_greedy(rows: torch.Tensor, scales: torch.Tensor, slot_token: torch.Tensor
     if mod is None:
         return None
     return mod.q8_greedy(rows, scales, slot_token, clusters.contiguous(), h, always_slots.contiguous(), bool(quantize))
+
+
+def auction(cost: torch.Tensor, members: torch.Tensor, row_group: torch.Tensor, capacity: torch.Tensor, eps: float,
+            big: float, stop_below: int, max_rounds: int, patience: int) -> tuple[torch.Tensor, int] | None:
+    """Balanced k-means' auction (:func:`flashhead.cluster._auction`'s owners and rounds, the same bits) in
+    one compiled call; None when the kernel is not available. ``members``: padding already replaced."""
+    if not (cost.dtype == torch.float32 and cost.is_contiguous() and _on_cpu(cost, members)):
+        return None
+    mod = _module()
+    if mod is None:
+        return None
+    long = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    owner, rounds = mod.auction(cost, long(members), long(row_group), long(capacity), float(eps), float(big),
+                                int(stop_below), int(max_rounds), int(patience))
+    return owner, int(rounds)
 
 
 def build() -> bool:

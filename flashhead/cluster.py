@@ -24,7 +24,8 @@ neighbouring clusters:
    a full cluster evicts its lowest bidder, who bids again elsewhere).  Early iterations
    use ``eps = 0.1 * objective`` and stop with 0.1 % of the rows unplaced, the last two
    ``eps = 0.03 * objective`` and 0.01 %; leftovers go greedily to the nearest cluster of
-   their group with room.
+   their group with room.  The auction runs as one compiled call (``flashhead._kernels``)
+   that replays these rounds bit for bit; the torch code is the fallback and the reference.
 3. *Regrouping.*  Before every later iteration the centroids are themselves grouped by a
    short balanced k-means (this function, recursively, random start), so group borders
    move and rows migrate anywhere over the iterations (fixed groups: objective +2 %).
@@ -59,6 +60,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import _kernels
+
 __all__ = ["Clustering", "balanced_kmeans"]
 
 
@@ -78,6 +81,10 @@ class Clustering:
     objective: float
     history: list[float]
 
+
+#: run the auction as one compiled call (flashhead._kernels.auction, the same bits) when it is available;
+#: the tests turn it off to compare with the torch code
+_COMPILED_AUCTION = True
 
 # Tuned defaults (see the module docstring).  ``labs/cluster_lab.py`` overrides them
 # through ``_balanced_kmeans(..., **knobs)``; they are not public API.
@@ -413,9 +420,12 @@ def _auction(cost, members, row_group, capacity, eps, big, stop_below, max_round
     Needs every group to own exactly as many slots as it has rows, which holds because
     groups are unions of full clusters.  Returns the cluster of every row and the rounds.
     """
+    members = torch.where(members < 0, members[:, :1], members)  # padding: any member, inf cost
+    if _COMPILED_AUCTION and (fused := _kernels.auction(cost, members, row_group, capacity, eps, big, stop_below,
+                                                        max_rounds, patience)) is not None:
+        return fused  # the same rounds in one compiled call
     n = cost.shape[0]
     k, cap = capacity.numel(), int(capacity.max())
-    members = torch.where(members < 0, members[:, :1], members)  # padding: any member, inf cost
     slot_pr = torch.zeros((k, cap))
     slot_pr[torch.arange(cap)[None, :] >= capacity[:, None]] = math.inf  # slots that do not exist
     slot_pt = torch.full((k, cap), -1, dtype=torch.long)

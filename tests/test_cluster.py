@@ -103,6 +103,25 @@ def test_same_result_for_one_and_two_threads():
     assert torch.equal(a.centroids, b.centroids)
 
 
+@pytest.mark.parametrize("n, k, cap, dup", [(20000, 1250, 16, 200), (4093, 2047, 2, 50), (3001, 188, 16, 0)])
+def test_compiled_auction_gives_the_torch_codes_bits(monkeypatch, n, k, cap, dup):
+    """The compiled auction (one call per assignment) replays the torch code's rounds, stable orders and
+    float32 arithmetic: the same partition bit for bit, duplicate rows (price wars, ties) and empty
+    slots included."""
+    from flashhead import _kernels
+    from flashhead import cluster
+
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch auction is used (and tested everywhere else)")
+    x = _data(n, 8, seed=n)
+    x[1:dup + 1] = x[0]
+    got = balanced_kmeans(x, k, cap, iters=4, progress=False)
+    monkeypatch.setattr(cluster, "_COMPILED_AUCTION", False)
+    want = balanced_kmeans(x, k, cap, iters=4, progress=False)
+    assert torch.equal(got.slots, want.slots) and torch.equal(got.centroids, want.centroids)
+    assert got.history == want.history
+
+
 def test_input_is_not_modified_and_other_dtypes_work():
     x = _data(300, 4).double()
     keep = x.clone()
