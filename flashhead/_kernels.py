@@ -13,7 +13,8 @@ small steps, replayed bit for bit in one call. Measurements: docs/kernels.md, do
 
 Compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
 ``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the source, the
-torch version and the CPU's instruction-set flags (``-march=native``). Without a compiler, or with
+torch version and install path (one build per environment) and the CPU's instruction-set flags
+(``-march=native``). Without a compiler, or with
 ``FLASHHEAD_NO_KERNEL=1``, the functions return None and the head uses its torch path.
 """
 
@@ -466,7 +467,9 @@ def _module():
 
     from ._io import cache_dir
 
-    key = hashlib.sha256(f"{_SOURCE}|{_CFLAGS}|{torch.__version__}|{_cpu_flags()}".encode()).hexdigest()[:16]
+    # torch's install path too: two environments sharing the cache would rebuild each other's build folder
+    torch_at = Path(torch.__file__).parent
+    key = hashlib.sha256(f"{_SOURCE}|{_CFLAGS}|{torch.__version__}|{torch_at}|{_cpu_flags()}".encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels" / key
     folder.mkdir(parents=True, exist_ok=True)
     try:
