@@ -11,7 +11,7 @@ Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Stage 1: int8 centroids ti
 state, one pass over the centroids. Building: the balanced k-means' auction, thousands of rounds of
 small steps, replayed bit for bit in one call. Measurements: docs/kernels.md, docs/benchmarks.md.
 
-Compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
+Compiled once per environment with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
 ``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the source, the
 torch version and install path (one build per environment) and the CPU's instruction-set flags
 (``-march=native``). Without a compiler, or with
