@@ -46,7 +46,7 @@ logger = logging.getLogger("vllm.flashhead")
 
 #: "outside the candidates" for rows that masks may empty: finite, so that what a mask leaves is visible
 SENTINEL = -1e30
-#: rows dequantized at a time for a dense row over Q8_0 rows alone (~25 MB of fp32 at d = 768)
+#: FlashHead rows per block of a dense row without the model's head tensor (TP > 1): ~25 MB of fp32 at d = 768
 _DENSE_CHUNK = 8192
 _NEG_INF = float("-inf")
 
@@ -128,24 +128,20 @@ class ServedHead:
         return cls(head, lp.scale, lp.soft_cap, dense_weight)
 
     # ------------------------------------------------------------ the pieces
-    def _row_weights(self, slots: torch.Tensor) -> torch.Tensor:
-        """FlashHead's rows at ``slots`` as floats (Q8_0 rows dequantized: the same values)."""
-        rows = self._flat.index_select(0, slots)
-        if self._flat_scales is None:
-            return rows
-        return q8_0_dequantize(rows, self._flat_scales.index_select(0, slots))
+    def _row_weights(self, at: torch.Tensor | slice) -> torch.Tensor:
+        """FlashHead's flat rows ``at`` (slots or a slice) as floats (Q8_0 rows dequantized: the same values)."""
+        rows = self._flat[at]
+        return rows if self._flat_scales is None else q8_0_dequantize(rows, self._flat_scales[at])
 
     def dense(self, h: torch.Tensor) -> torch.Tensor:
-        """Exact dense logits ``[n, V]`` (float32)."""
+        """Exact dense logits ``[n, V]`` (float32): from the model's head tensor where there is one (TP=1),
+        else from FlashHead's rows, a block of rows at a time, in token order."""
         if self._dense_w is not None:
             out = (h.to(self._dense_w.dtype) @ self._dense_w.T).float()
-        elif self._flat_scales is None:
-            out = (h.to(self._flat.dtype) @ self._flat.T).float().index_select(1, self._slot)
-        else:  # Q8_0 rows only (TP > 1): dequantize a block of rows at a time
-            flat = torch.cat([h.float() @ q8_0_dequantize(self._flat[a:a + _DENSE_CHUNK],
-                                                          self._flat_scales[a:a + _DENSE_CHUNK]).T
-                              for a in range(0, self._flat.shape[0], _DENSE_CHUNK)], dim=1)
-            out = flat.index_select(1, self._slot)
+        else:
+            n = self._flat.shape[0]
+            blocks = (self._row_weights(slice(a, a + _DENSE_CHUNK)) for a in range(0, n, _DENSE_CHUNK))
+            out = torch.cat([(h.to(w.dtype) @ w.T).float() for w in blocks], dim=1).index_select(1, self._slot)
         return out.masked_fill_(self._no_slot, _NEG_INF)
 
     def flash(self, h: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -267,7 +263,8 @@ class FlashHeadMixin:
                 logger.warning("FlashHead: no request tracker in this runner; every row gets greedy candidates "
                                "(sampled requests sample among the candidates only)")
                 self._warned_untracked = True
-            return self.flashhead._vllm_scale(self.flashhead.flash(hidden_states, None, None))
+            logits, _ = self.flashhead.logits(hidden_states, dict.fromkeys(range(hidden_states.shape[0]), RowSpec()))
+            return logits
         logits, tracker.finish = self.flashhead.logits(hidden_states, tracker.take(hidden_states.shape[0]))
         return logits
 
