@@ -7,8 +7,10 @@ pairs in cluster order, so a cluster probed by several rows of the batch is read
 and splits the sorted pairs over torch's intra-op threads; every logit is the same dot product in the
 same order whatever the batch or thread count. Three row formats: fp32 rows; Q8_0 rows (int8 plus one
 scale per 32 weights, the GGUF layout) dotted with an fp32 hidden state; and Q8_0 rows dotted with a
-Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Stage 1: int8 centroids times an int8 hidden
-state, one pass over the centroids. Building: the balanced k-means' auction, thousands of rounds of
+Q8_0 hidden state as ggml's q8_0 x q8_0 product does. Stage 1: int8 or int4 centroids times an int8
+hidden state, one pass over the centroids (torch's int4 kernel packs for GEMMs and reads them at about
+half that speed for one row), and the top p of the scores by radix selection (several times faster
+than ``torch.topk``). Building: the balanced k-means' auction, thousands of rounds of
 small steps, replayed bit for bit in one call. Measurements: docs/kernels.md, docs/benchmarks.md.
 
 Compiled once per environment with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
@@ -34,6 +36,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <tuple>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -223,6 +226,188 @@ torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, to
       }
     }
   });
+  return out;
+}
+
+// u8 x s8 dot products of 4 bytes, added into 8 int32 lanes: VNNI where the CPU has it, else the same sums
+// in two steps (15 x 127 x 2 fits int16: no saturation for 4-bit weights)
+#ifdef FH_AVX2
+static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
+#ifdef FH_AVX2
+static inline __m256 bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// int4_scores for R rows of h against one block of 8 centroids (R x 8 scores into res): each row's sums in the
+// same order whatever R, the block's nibbles unpacked once for the R rows
+template <int R>
+static inline void int4_tile(const uint8_t* qb, const uint16_t* szb, const int8_t* x, const float* a, const int32_t* S,
+                             const float* H, const float* hm, int64_t D, int64_t G, int64_t g, float* res) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_set1_ps(hm[r]);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m256i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+    for (int64_t j = gi * g / 8; j < (gi + 1) * g / 8; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + j * 32));
+      const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+      for (int r = 0; r < R; ++r) {
+        int32_t h0, h1;
+        std::memcpy(&h0, x + r * D + 8 * j, 4);
+        std::memcpy(&h1, x + r * D + 8 * j + 4, 4);
+        isum[r] = dot4(dot4(isum[r], lo, _mm256_set1_epi32(h0)), hi, _mm256_set1_epi32(h1));
+      }
+    }
+    const __m256 s = bf16x8(szb + gi * 16), z = bf16x8(szb + gi * 16 + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256i centred = _mm256_sub_epi32(isum[r], _mm256_set1_epi32(8 * S[r * G + gi]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(s, _mm256_set1_ps(a[r * G + gi])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(z, _mm256_set1_ps(H[r * G + gi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(res + 8 * r, acc[r]);
+}
+#endif
+
+// Stage 1 in int4 (head.py, int4 mode): the centroids minus their mean in G groups of g weights (g % 8 == 0), codes
+// q in [0, 15] with a bf16 scale s and zero z per group, c = (q - 8) s + z, centroids taken 8 at a time (K padded to
+// 8). q4 [K8 / 8, D * 4] bytes: per block of 8 centroids, per 8 weights 8j..8j+7, 32 bytes, byte 4c + b holding
+// weight 8j + b of centroid c (low nibble) and weight 8j + 4 + b (high nibble). sz [K8 / 8, G, 2, 8]: scales, then
+// zeros, of the block's 8 centroids. The centred codes q - 8 take h per group in int8 (a_g = amax / 127, round half
+// even), the zeros take it in fp32: score[n, k] = h . mean + sum_g (s_kg a_g (I_kg - 8 S_g) + z_kg H_g), with I the
+// exact int32 sum of q * hq over the group, S_g that of hq and H_g the fp32 sum of h. Every score is computed alone,
+// in one order, whatever the batch or thread count.
+torch::Tensor int4_scores(torch::Tensor q4, torch::Tensor sz, torch::Tensor mean, torch::Tensor h, int64_t K) {
+  const int64_t nblk = q4.size(0), D = q4.size(1) / 4, G = sz.size(1), g = D / G, N = h.size(0), d = h.size(1);
+  TORCH_CHECK(g % 8 == 0 && D == G * g && d <= D && mean.numel() == d && K <= nblk * 8, "int4_scores: bad shapes");
+  auto hq_t = torch::zeros({N, D}, torch::dtype(torch::kInt8));
+  std::vector<float> a(N * G, 0.f), H(N * G, 0.f), hm(N);
+  std::vector<int32_t> S(N * G, 0);
+  const float* X = h.data_ptr<float>();
+  const float* M = mean.data_ptr<float>();
+  int8_t* HQ = hq_t.data_ptr<int8_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* x = X + n * d;
+    float m = 0.f;
+    for (int64_t t = 0; t < d; ++t) m += x[t] * M[t];
+    hm[n] = m;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t t0 = gi * g, t1 = std::min(d, t0 + g);
+      float amax = 0.f, sum = 0.f;
+      for (int64_t t = t0; t < t1; ++t) { amax = std::max(amax, std::fabs(x[t])); sum += x[t]; }
+      const float mult = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t t = t0; t < t1; ++t) {
+        HQ[n * D + t] = static_cast<int8_t>(std::nearbyint(x[t] * mult));
+        S[n * G + gi] += HQ[n * D + t];
+      }
+      a[n * G + gi] = amax / 127.f;
+      H[n * G + gi] = sum;
+    }
+  }
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* Q = q4.data_ptr<uint8_t>();
+  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, nblk, 32, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const uint8_t* qb = Q + blk * D * 4;
+      const uint16_t* szb = SZ + blk * G * 16;
+      for (int64_t n = 0; n < N;) {
+        float res[4 * 8];
+#ifdef FH_AVX2
+        const int64_t R = N - n >= 4 ? 4 : 1;  // 4 rows share each unpacked block; the same sums either way
+        if (R == 4) int4_tile<4>(qb, szb, HQ + n * D, &a[n * G], &S[n * G], &H[n * G], &hm[n], D, G, g, res);
+        else int4_tile<1>(qb, szb, HQ + n * D, &a[n * G], &S[n * G], &H[n * G], &hm[n], D, G, g, res);
+#else
+        const int64_t R = 1;
+        const int8_t* x = HQ + n * D;
+        const auto bf16 = [](uint16_t v) { uint32_t u = static_cast<uint32_t>(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
+        for (int c = 0; c < 8; ++c) {
+          float acc = hm[n];
+          for (int64_t gi = 0; gi < G; ++gi) {
+            int32_t isum = 0;
+            for (int64_t j = gi * g / 8; j < (gi + 1) * g / 8; ++j)
+              for (int b = 0; b < 4; ++b) {
+                const uint8_t byte = qb[j * 32 + 4 * c + b];
+                isum += static_cast<int32_t>(byte & 0x0F) * x[8 * j + b] + static_cast<int32_t>(byte >> 4) * x[8 * j + 4 + b];
+              }
+            const float s = bf16(szb[gi * 16 + c]), z = bf16(szb[gi * 16 + 8 + c]);
+            acc = std::fma(static_cast<float>(isum - 8 * S[n * G + gi]), s * a[n * G + gi], acc);
+            acc = std::fma(z, H[n * G + gi], acc);
+          }
+          res[c] = acc;
+        }
+#endif
+        for (int64_t r = 0; r < R; ++r, ++n)
+          for (int64_t c = 0; c < 8 && blk * 8 + c < K; ++c) O[n * K + blk * 8 + c] = res[r * 8 + c];
+      }
+    }
+  });
+  return out;
+}
+
+// The p largest scores of each row [N, K] (p < K), in no particular order; of the scores equal to the p-th largest,
+// the smallest ids. Radix selection on the scores' bits mapped to an order-preserving uint32, digits of 11, 11 and
+// 10 bits: a histogram of the candidates' digit finds the bin holding the p-th largest, a branch-free pass takes
+// every candidate above that bin and keeps the bin's own (in id order) as the next digit's candidates. No
+// data-dependent branch, unlike a sort or nth_element. torch.topk(sorted=False) picks the same set up to ties.
+torch::Tensor top_unsorted(torch::Tensor scores, int64_t p) {
+  const int64_t N = scores.size(0), K = scores.size(1);
+  TORCH_CHECK(p >= 1 && p < K && K < (int64_t(1) << 31), "top_unsorted: need 1 <= p < K < 2^31");
+  auto out = torch::empty({N, p}, torch::dtype(torch::kInt64));
+  const float* S = scores.data_ptr<float>();
+  int64_t* O = out.data_ptr<int64_t>();
+  // scratch kept between calls: fresh buffers this size would be fresh pages from the OS, faulted in every call
+  thread_local std::vector<uint32_t> key;
+  thread_local std::vector<int32_t> cand, next;
+  thread_local std::vector<int32_t> hist(4 * 2048);  // four interleaved histograms: no chain of increments to one bin
+  key.resize(K);
+  cand.resize(K);
+  next.resize(K);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(S + n * K);
+    for (int64_t k = 0; k < K; ++k) {  // larger float, larger key; -0 (key 2^31 - 1) taken as +0 (key 2^31)
+      const uint32_t v = u[k] ^ (static_cast<uint32_t>(static_cast<int32_t>(u[k]) >> 31) | 0x80000000u);
+      key[k] = v + (v == 0x7FFFFFFFu);
+    }
+    int64_t* o = O + n * p;
+    int64_t m = K, taken = 0, need = p;  // taken + need == p; some candidate always remains needed
+    for (const int sh : {21, 10, 0}) {
+      const uint32_t mask = sh == 0 ? 1023u : 2047u;
+      const bool all = sh == 21;  // the first digit's candidates are all K ids, in order
+      std::fill(hist.begin(), hist.end(), 0);
+      for (int64_t q = 0; q < m; ++q) ++hist[(q & 3) * 2048 + ((key[all ? q : cand[q]] >> sh) & mask)];
+      uint32_t bin = mask;
+      for (;; --bin) {
+        const int64_t c = hist[bin] + hist[2048 + bin] + hist[4096 + bin] + hist[6144 + bin];
+        if (need <= c) break;
+        need -= c;
+      }
+      int64_t kept = 0;
+      for (int64_t q = 0; q < m; ++q) {  // write, then advance only the list the candidate belongs to
+        const int32_t k = all ? static_cast<int32_t>(q) : cand[q];
+        const uint32_t digit = (key[k] >> sh) & mask;
+        o[taken] = k;
+        taken += digit > bin;
+        next[kept] = k;
+        kept += digit == bin;
+      }
+      cand.swap(next);
+      m = kept;
+    }
+    std::copy(cand.begin(), cand.begin() + need, o + taken);  // equal scores: the smallest ids
+  }
   return out;
 }
 
@@ -441,8 +626,8 @@ torch::Tensor q8_greedy(torch::Tensor rows, torch::Tensor scales, torch::Tensor 
 }
 """
 
-_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "q8_0_quantize", "q8_greedy",
-              "auction"]
+_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "int4_scores", "top_unsorted",
+              "q8_0_quantize", "q8_greedy", "auction"]
 # -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
 # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -537,6 +722,28 @@ def int8_scores(q: torch.Tensor, scale: torch.Tensor, hq: torch.Tensor, a: torch
     if mod is None:
         return None
     return mod.int8_scores(q, scale, hq, a.float().reshape(-1).contiguous())
+
+
+def int4_scores(q4: torch.Tensor, sz: torch.Tensor, mean: torch.Tensor, h: torch.Tensor, K: int) -> torch.Tensor | None:
+    """Stage-1 int4 scores ``[N, K]`` (the kernel's comment gives the layout): nibbles ``q4 [K8/8, D*4]`` (uint8)
+    and bf16 ``sz [K8/8, G, 2, 8]`` (scales, zeros) of the centroids 8 at a time, fp32 ``mean [d]`` and
+    ``h [N, d]``, h taken per group in int8. None when the kernel does not apply."""
+    if not (q4.dtype == torch.uint8 and sz.dtype == torch.bfloat16 and _on_cpu(q4, sz, mean)):
+        return None
+    mod = _module()
+    if mod is None:
+        return None
+    return mod.int4_scores(q4, sz, mean.float().contiguous(), h.float().contiguous(), int(K))
+
+
+def top_unsorted(scores: torch.Tensor, p: int) -> torch.Tensor | None:
+    """Ids ``[N, p]`` of the ``p`` largest of each row of fp32 CPU ``scores [N, K]`` (``p < K``), in no particular
+    order; ties at the p-th value go to the smallest ids. The set ``torch.topk(sorted=False)`` returns, up to ties. None when the
+    kernel does not apply."""
+    if not (scores.dtype == torch.float32 and scores.dim() == 2 and _on_cpu(scores)):
+        return None
+    mod = _module()
+    return None if mod is None else mod.top_unsorted(scores, int(p))
 
 
 def q8_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -31,9 +31,11 @@ Kernels, each chosen by measurement on CPU (tables and labs: docs/kernels.md):
   ``"int8"``: per-centroid symmetric int8, activations quantized per row, exact int32 sums (the
   compiled ``int8_scores`` on CPU, with ``torch._int_mm``'s bits; ``_int_mm`` without it);
   ``"int4"``: the centroids minus their mean (scored exactly), int4 per group of 64 with a bf16
-  scale and zero, ``aten._weight_int4pack_mm_for_cpu`` with bf16
-  activations: half of int8's bytes, as fast at small batches, slower at N >= 16; its scores
-  come out rounded to bf16.  On other devices the quantized modes dequantize and matmul.
+  scale and zero: half of int8's bytes. On CPU the compiled ``int4_scores`` (h per group in int8
+  against the centred codes, exact integer sums; 8 centroids at a time); without a compiler
+  ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations, whose scores come out rounded to
+  bf16. On other devices the quantized modes dequantize and matmul.
+* top-p for greedy: the compiled ``top_unsorted`` (radix selection) on CPU, else ``torch.topk``.
 * stage 2: fp32 and Q8_0 rows on CPU go through compiled fused gather + dot kernels
   (``_kernels.py``) that read each probed row once, a batch's probes in cluster order; otherwise
   each row gathers its clusters in ~1 MiB chunks into a reused buffer, one GEMV per chunk.
@@ -384,19 +386,25 @@ class FlashHead(torch.nn.Module):
             z = (lo + 8 * s.float()).to(torch.bfloat16)
             q = torch.round((cg - z.float()[..., None]) / s.float()[..., None]).add_(8).clamp_(0, 15)
             self._int4_group, self._int4_dpad = group, d_pad
-            # uint8 copy of the nibbles [K, d_pad] and bf16 (scale, zero) per group [K, G, 2]:
-            # the source of ``centroids`` and of the non-CPU fallback
-            self.register_buffer("_q", q.to(torch.uint8).view(K, d_pad).contiguous(), persistent=False)
-            self.register_buffer("_sz", torch.stack([s, z], -1).contiguous(), persistent=False)
+            # codes two per byte and bf16 (scale, zero) per group, 8 centroids at a time (K padded to 8), in the
+            # compiled kernel's layout (_kernels.py, int4_scores); _int4_codes() gives them back plainly
+            blk = _round_up(K, 8) // 8
+            qq = F.pad(q.to(torch.uint8).view(K, d_pad), (0, 0, 0, blk * 8 - K)).view(blk, 8, d_pad // 8, 2, 4)
+            qq = qq.permute(0, 2, 1, 3, 4)  # [block, 8 weights, centroid, low/high half, 4 weights]
+            self.register_buffer("_q4", (qq[..., 0, :] | (qq[..., 1, :] << 4)).reshape(blk, d_pad * 4).contiguous(),
+                                 persistent=False)
+            sz = F.pad(torch.stack([s, z], -1), (0, 0, 0, 0, 0, blk * 8 - K)).view(blk, 8, -1, 2)
+            self.register_buffer("_sz", sz.permute(0, 2, 3, 1).contiguous(), persistent=False)  # [block, G, 2, 8]
             self.register_buffer("_int4_packed", None, persistent=False)
             self.register_buffer("_int4_sz", None, persistent=False)
-            if c.device.type == "cpu":
+            if c.device.type == "cpu":  # torch's int4 kernel: the fallback without the compiled one
                 K_pad = _round_up(K, 16)
                 qp = torch.zeros(K_pad, d_pad, dtype=torch.int32)
-                qp[:K] = self._q
+                codes, sz_plain = self._int4_codes()
+                qp[:K] = codes
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qp.contiguous(), 1)
                 sz = torch.zeros(d_pad // group, K_pad, 2, dtype=torch.bfloat16)
-                sz[:, :K] = self._sz.transpose(0, 1)
+                sz[:, :K] = sz_plain.transpose(0, 1)
                 sz[:, K:, 0] = 1.0
                 self.register_buffer("_int4_packed", packed, persistent=False)
                 self.register_buffer("_int4_sz", sz, persistent=False)
@@ -422,9 +430,17 @@ class FlashHead(torch.nn.Module):
         if self.stage1 == "int8":
             return self._q[:, : self.d].float() * self._scale[:, None]
         K, g = self.K, self._int4_group
-        sz = self._sz.float()
-        q = self._q.view(K, -1, g).float() - 8
+        codes, sz = self._int4_codes()
+        sz = sz.float()
+        q = codes.view(K, -1, g).float() - 8
         return (q * sz[..., :1] + sz[..., 1:]).view(K, -1)[:, : self.d] + self._mean
+
+    def _int4_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 stage 1 plainly: codes ``[K, d_pad]`` uint8 (0..15) and bf16 (scale, zero) ``[K, G, 2]``."""
+        blk = self._q4.shape[0]
+        b = self._q4.view(blk, -1, 8, 1, 4)  # [block, 8 weights, centroid, 1, 4 weights]
+        codes = torch.cat([b & 15, b >> 4], 3).permute(0, 2, 1, 3, 4).reshape(blk * 8, -1)[: self.K]
+        return codes, self._sz.permute(0, 3, 1, 2).reshape(blk * 8, -1, 2)[: self.K]
 
     @property
     def n_probes(self) -> int:
@@ -526,6 +542,8 @@ class FlashHead(torch.nn.Module):
                 return fused
             return torch._int_mm(hq, self._q.t()).float().mul_(a).mul_(self._scale)
         # int4
+        if cpu and (fused := _kernels.int4_scores(self._q4, self._sz, self._mean, h32, self.K)) is not None:
+            return fused
         if not cpu or self._int4_packed is None:
             return h32.to(torch.bfloat16).float() @ self.centroids.t()
         hb = h32.to(torch.bfloat16)
@@ -545,7 +563,13 @@ class FlashHead(torch.nn.Module):
         if p == self.K:  # every cluster: no ranking needed
             return torch.arange(self.K, device=h.device).expand(h.shape[0], self.K), None
         scores = self._scores(h)
-        return torch.topk(scores, p, dim=1, sorted=ordered).indices, scores
+        top = _kernels.top_unsorted(scores, p)  # the same set for greedy and sampling: one rule for ties
+        if top is None:
+            return torch.topk(scores, p, dim=1, sorted=ordered).indices, scores
+        if ordered:  # best first; equal scores by id
+            top = top.sort(1).values
+            top = top.gather(1, scores.gather(1, top).sort(dim=1, descending=True, stable=True).indices)
+        return top, scores
 
     # ---------------------------------------------------------------- sampling tail
     def tail_log_mass(self, h: torch.Tensor, temperature: float, n_probes: int | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -648,3 +649,64 @@ def test_int8_stage1_kernel_gives_the_bits_of_int_mm(monkeypatch, d):
     for one_batch, one_row in got.values():
         assert torch.equal(one_batch, ref)
         assert torch.equal(one_row, ref[:1])
+
+
+@pytest.mark.parametrize("d", [64, 33, 96])  # 33: d padded to 64; 96: groups of 32
+def test_int4_stage1_kernel_scores_the_int4_centroids_with_h_in_int8(monkeypatch, d):
+    """The compiled int4 stage 1 scores the int4 centroids exactly but for h taken per group in int8 against the
+    centred codes: the error against ``h . centroids`` stays within the bound that rounding (amax / 254 per
+    weight, times |q - 8| s) gives, whatever K (here not a multiple of 8), batch or thread count (same bits), and
+    torch's int4 kernel (the fallback, bf16 h) gives nearly the same scores."""
+    from flashhead import _kernels
+
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    s = make(203, 2, d, integer=False, n_probes=7, stage1="int4")
+    head = s.head
+    h = hidden(9, d, integer=False)
+    d_pad, g = head._int4_dpad, head._int4_group
+    exact = h @ head.centroids.t()
+    step = F.pad(h, (0, d_pad - d)).view(9, -1, g).abs().amax(-1) / 254  # the largest rounding error per group
+    codes, sz = head._int4_codes()
+    centred = (codes.view(203, -1, g).float() - 8).abs() * sz[..., :1].float()  # |q - 8| s: what meets int8 h
+    bound = (centred.sum(-1) @ step.t()).t() + 1e-5 * (h.abs() @ head.centroids.abs().t())  # + float rounding
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = [head.stage1_scores(h), torch.cat([head.stage1_scores(h[i:i + 1]) for i in range(9)])]
+    finally:
+        torch.set_num_threads(before)
+    scores = got[1][0]
+    assert torch.all((scores - exact).abs() <= bound)
+    assert ((scores - exact).abs() > 1e-3).any()  # h really is rounded (this checks the check)
+    for batch, rows in got.values():
+        assert torch.equal(batch, scores) and torch.equal(rows, scores)
+    monkeypatch.setattr(_kernels, "int4_scores", lambda *a: None)
+    fallback = head.stage1_scores(h)
+    assert not torch.equal(fallback, scores)
+    assert torch.allclose(fallback, scores, atol=0.05 * exact.abs().max().item())
+
+
+def test_top_unsorted_picks_the_p_largest_ties_to_the_smallest_ids():
+    """The compiled selection returns the p largest scores' ids, of equal scores the smallest ids (-0 equals 0),
+    the set a stable sort by score gives; on scores without ties, torch.topk's set."""
+    from flashhead import _kernels
+
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    g = torch.Generator().manual_seed(5)
+    coarse = torch.randint(-4, 5, (3, 500), generator=g).float() / 4  # many ties, zeros of both signs
+    coarse[0, ::7] = -0.0
+    coarse[1, :40] = float("-inf")
+    coarse[2] = coarse[2] * 1e30  # wide exponents
+    for scores in (coarse, torch.randn(4, 5000, generator=g)):
+        for p in (1, 3, 57, 250, scores.shape[1] - 1):
+            got = _kernels.top_unsorted(scores.contiguous(), p)
+            for n in range(scores.shape[0]):
+                order = sorted(range(scores.shape[1]), key=lambda k: (-scores[n, k].item(), k))
+                assert sorted(got[n].tolist()) == sorted(order[:p]), (n, p)
+    fine = torch.randn(2, 3000, generator=g)
+    assert torch.equal(_kernels.top_unsorted(fine, 300).sort(1).values,
+                       torch.topk(fine, 300, dim=1, sorted=False).indices.sort(1).values)
