@@ -174,6 +174,13 @@ static inline float q8q8_dot(const int8_t* r, const S* s, const int8_t* q, const
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+// for_pairs' prefetch of cluster k's Q8_0 rows and scales
+template <typename S>
+static inline void prefetch_q8(const int8_t* R, const S* SC, int64_t k, int64_t cap, int64_t d, int64_t nb) {
+  prefetch(R + k * cap * d, cap * d);
+  prefetch(SC + k * cap * nb, cap * nb * sizeof(S));
+}
+
 // Q8_0 rows (int8 [K, cap, d], scales [K, cap, d/32]) . fp32 h [N, d]
 template <typename S>
 torch::Tensor q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, const torch::Tensor& clusters,
@@ -183,7 +190,7 @@ torch::Tensor q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, co
   const S* SC = scales.data_ptr<S>();
   const float* H = h.data_ptr<float>();
   return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
-    if (!o) return prefetch(R + k * cap * d, cap * d), prefetch(SC + k * cap * nb, cap * nb * sizeof(S));
+    if (!o) return prefetch_q8(R, SC, k, cap, d, nb);
     for (int64_t c = 0; c < cap; ++c) o[c] = q8_dot(R + (k * cap + c) * d, SC + (k * cap + c) * nb, H + n * d, nb);
   });
 }
@@ -198,7 +205,7 @@ torch::Tensor q8q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, 
   const int8_t* Q = hq.data_ptr<int8_t>();
   const float* QS = hs.data_ptr<float>();
   return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
-    if (!o) return prefetch(R + k * cap * d, cap * d), prefetch(SC + k * cap * nb, cap * nb * sizeof(S));
+    if (!o) return prefetch_q8(R, SC, k, cap, d, nb);
     for (int64_t c = 0; c < cap; ++c)
       o[c] = q8q8_dot(R + (k * cap + c) * d, SC + (k * cap + c) * nb, Q + n * d, QS + n * nb, nb);
   });
@@ -240,6 +247,15 @@ torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, to
     }
   });
   return out;
+}
+
+// x [n] in int8 with one scale, as Q8_0 rounds a block: int8 = round-half-even(x * (127 / amax)); returns amax
+static inline float int8_block(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float mult = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t j = 0; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * mult));
+  return amax;
 }
 
 // u8 x s8 dot products of 4 bytes, added into 8 int32 lanes: VNNI where the CPU has it, else the same sums
@@ -317,15 +333,11 @@ torch::Tensor int4_scores(torch::Tensor q4, torch::Tensor sz, torch::Tensor mean
     hm[n] = m;
     for (int64_t gi = 0; gi < G; ++gi) {
       const int64_t t0 = gi * g, t1 = std::min(d, t0 + g);
-      float amax = 0.f, sum = 0.f;
-      for (int64_t t = t0; t < t1; ++t) { amax = std::max(amax, std::fabs(x[t])); sum += x[t]; }
-      const float mult = amax > 0.f ? 127.f / amax : 0.f;
+      a[n * G + gi] = int8_block(x + t0, t1 - t0, HQ + n * D + t0) / 127.f;
       for (int64_t t = t0; t < t1; ++t) {
-        HQ[n * D + t] = static_cast<int8_t>(std::nearbyint(x[t] * mult));
         S[n * G + gi] += HQ[n * D + t];
+        H[n * G + gi] += x[t];
       }
-      a[n * G + gi] = amax / 127.f;
-      H[n * G + gi] = sum;
     }
   }
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
@@ -434,14 +446,8 @@ std::vector<torch::Tensor> q8_0_quantize(torch::Tensor x) {
   const float* X = x.data_ptr<float>();
   int8_t* Q = q.data_ptr<int8_t>();
   float* S = s.data_ptr<float>();
-  for (int64_t b = 0; b < N * nb; ++b) {
-    const float* xb = X + b * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float mult = amax > 0.f ? 127.f / amax : 0.f;
-    for (int j = 0; j < 32; ++j) Q[b * 32 + j] = static_cast<int8_t>(std::nearbyint(xb[j] * mult));
-    S[b] = static_cast<float>(at::Half(amax / 127.f));
-  }
+  for (int64_t b = 0; b < N * nb; ++b)
+    S[b] = static_cast<float>(at::Half(int8_block(X + b * 32, 32, Q + b * 32) / 127.f));
   return {q, s};
 }
 
@@ -752,7 +758,7 @@ def int4_scores(q4: torch.Tensor, sz: torch.Tensor, mean: torch.Tensor, h: torch
 
 def top_unsorted(scores: torch.Tensor, p: int) -> torch.Tensor | None:
     """Ids ``[N, p]`` of the ``p`` largest of each row of fp32 CPU ``scores [N, K]`` (``p < K``), in no particular
-    order; ties at the p-th value go to the smallest ids. The set ``torch.topk(sorted=False)`` returns, up to ties. None when the
+    order; ties at the p-th value go to the smallest ids (``torch.topk``'s set, up to ties). None when the
     kernel does not apply."""
     if not (scores.dtype == torch.float32 and scores.dim() == 2 and _on_cpu(scores)):
         return None

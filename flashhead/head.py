@@ -35,7 +35,7 @@ Kernels, each chosen by measurement on CPU (tables and labs: docs/kernels.md):
   against the centred codes, exact integer sums; 8 centroids at a time); without a compiler
   ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations, whose scores come out rounded to
   bf16. On other devices the quantized modes dequantize and matmul.
-* top-p for greedy: the compiled ``top_unsorted`` (radix selection) on CPU, else ``torch.topk``.
+* top-p (greedy and sampling alike): the compiled ``top_unsorted`` (radix selection) on CPU, else ``torch.topk``.
 * stage 2: fp32 and Q8_0 rows on CPU go through compiled fused gather + dot kernels
   (``_kernels.py``) that read each probed row once, a batch's probes in cluster order; otherwise
   each row gathers its clusters in ~1 MiB chunks into a reused buffer, one GEMV per chunk.
