@@ -47,26 +47,31 @@ static inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + l);
 }
 
-// Calls dot(k, i, out) for every (row n, probe j) pair, i = n * p + j, k = clusters[n, j], out = the
+// Calls dot(k, n, out) for every (row n, probe j) pair, k = clusters[n, j], out = the
 // cap logits of that pair, in ascending cluster order: a cluster probed by several rows of the batch is
 // read from memory once and then served from cache, and the reads ascend through memory. One
 // contiguous run of the sorted pairs per intra-op thread (torch.set_num_threads). Two pairs ahead,
 // dot(k, -1, nullptr) only prefetches cluster k: the clusters lie scattered through memory in steps the
 // hardware prefetchers do not follow (measured 15-20% faster from DRAM at batch 1, docs/kernels.md).
 template <typename F>
-torch::Tensor for_pairs(const torch::Tensor& clusters, int64_t cap, F dot) {
+torch::Tensor for_pairs(const torch::Tensor& clusters, int64_t K, int64_t cap, F dot) {
   const int64_t N = clusters.size(0), p = clusters.size(1), total = N * p;
   auto out = torch::empty({N, p * cap}, torch::dtype(torch::kFloat32));
   const int64_t* C = clusters.data_ptr<int64_t>();
   float* O = out.data_ptr<float>();
-  std::vector<std::pair<int64_t, int64_t>> order(total);  // (cluster, flat index n * p + j)
-  for (int64_t i = 0; i < total; ++i) order[i] = {C[i], i};
-  std::sort(order.begin(), order.end());
+  // flat indices n * p + j by cluster, then index (a counting sort: std::sort took ~0.5 ms at batch 8)
+  std::vector<int64_t> start(K + 1, 0), order(total);
+  for (int64_t i = 0; i < total; ++i) {
+    TORCH_CHECK(C[i] >= 0 && C[i] < K, "flashhead: cluster id ", C[i], " out of range [0, ", K, ")");
+    ++start[C[i] + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+  for (int64_t i = 0; i < total; ++i) order[start[C[i]]++] = i;
   const int64_t nt = at::get_num_threads();
   at::parallel_for(0, total, std::max<int64_t>(16, (total + nt - 1) / nt), [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) {
-      if (q + 2 < hi) dot(order[q + 2].first, -1, nullptr);
-      dot(order[q].first, order[q].second / p, O + order[q].second * cap);
+      if (q + 2 < hi) dot(C[order[q + 2]], -1, nullptr);
+      dot(C[order[q]], order[q] / p, O + order[q] * cap);
     }
   });
   return out;
@@ -77,7 +82,7 @@ torch::Tensor gather_gemv(torch::Tensor rows, torch::Tensor clusters, torch::Ten
   const int64_t cap = rows.size(1), d = rows.size(2);
   const float* R = rows.data_ptr<float>();
   const float* H = h.data_ptr<float>();
-  return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
+  return for_pairs(clusters, rows.size(0), cap, [&](int64_t k, int64_t n, float* o) {
     if (!o) return prefetch(R + k * cap * d, cap * d * 4);
     const float* hn = H + n * d;
     for (int64_t c = 0; c < cap; ++c) {
@@ -106,6 +111,17 @@ static inline float hsum8(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+// u8 x s8 dot products of 4 bytes, added into 8 int32 lanes: VNNI where the CPU has it, else the same sums
+// in two steps (no saturation: 2 x 127 x 127 and 2 x 15 x 127 fit int16)
+static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
 }
 #else
 static inline float scale_at(const at::Half* s, int64_t b) { return static_cast<float>(s[b]); }
@@ -153,8 +169,7 @@ static inline float q8q8_dot(const int8_t* r, const S* s, const int8_t* q, const
   const auto block = [&](int64_t i) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i * 32));
     const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * 32));
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return dot4(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
   };
   __m128 acc4 = _mm_setzero_ps();
   for (; b + 4 <= nb; b += 4) {
@@ -189,7 +204,7 @@ torch::Tensor q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, co
   const int8_t* R = rows.data_ptr<int8_t>();
   const S* SC = scales.data_ptr<S>();
   const float* H = h.data_ptr<float>();
-  return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
+  return for_pairs(clusters, rows.size(0), cap, [&](int64_t k, int64_t n, float* o) {
     if (!o) return prefetch_q8(R, SC, k, cap, d, nb);
     for (int64_t c = 0; c < cap; ++c) o[c] = q8_dot(R + (k * cap + c) * d, SC + (k * cap + c) * nb, H + n * d, nb);
   });
@@ -204,16 +219,40 @@ torch::Tensor q8q8_gemv(const torch::Tensor& rows, const torch::Tensor& scales, 
   const S* SC = scales.data_ptr<S>();
   const int8_t* Q = hq.data_ptr<int8_t>();
   const float* QS = hs.data_ptr<float>();
-  return for_pairs(clusters, cap, [&](int64_t k, int64_t n, float* o) {
+  return for_pairs(clusters, rows.size(0), cap, [&](int64_t k, int64_t n, float* o) {
     if (!o) return prefetch_q8(R, SC, k, cap, d, nb);
     for (int64_t c = 0; c < cap; ++c)
       o[c] = q8q8_dot(R + (k * cap + c) * d, SC + (k * cap + c) * nb, Q + n * d, QS + n * nb, nb);
   });
 }
 
+// Exact int32 sums of one int8 row r [D] with R int8 rows x [R, D] (isum [R]); |r| taken once for the R rows
+template <int R>
+static inline void int8_tile(const int8_t* r, const int8_t* x, int64_t D, int32_t* isum) {
+  int64_t t = 0;
+  for (int i = 0; i < R; ++i) isum[i] = 0;
+#ifdef FH_AVX2
+  __m256i acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_si256();
+  for (; t + 32 <= D; t += 32) {  // |r| (unsigned) times x with r's sign
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + t)), au = _mm256_sign_epi8(u, u);
+    for (int i = 0; i < R; ++i)
+      acc[i] = dot4(acc[i], au, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * D + t)), u));
+  }
+  for (int i = 0; i < R; ++i) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc[i]), _mm256_extracti128_si256(acc[i], 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    isum[i] = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
+  }
+#endif
+  for (; t < D; ++t)
+    for (int i = 0; i < R; ++i) isum[i] += static_cast<int32_t>(r[t]) * static_cast<int32_t>(x[i * D + t]);
+}
+
 // Stage 1 in int8: per-centroid int8 q [K, D] (scale s [K]) . per-row int8 hq [N, D] (scale a [N]):
-// float(exact int32 sum) * a[n] * s[k], as torch._int_mm(hq, q.t()).float() * a * s. Parallel over K;
-// every score is the same integer sum and the same two roundings whatever the thread count.
+// float(exact int32 sum) * a[n] * s[k], as torch._int_mm(hq, q.t()).float() * a * s. Parallel over K,
+// 4 rows of hq at a time; every score is the same integer sum and the same two roundings whatever the
+// batch or thread count.
 torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, torch::Tensor a) {
   const int64_t K = q.size(0), D = q.size(1), N = hq.size(0);
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
@@ -223,26 +262,15 @@ torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, to
   const float* A = a.data_ptr<float>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, K, 256, [&](int64_t lo, int64_t hi) {
+    int32_t isum[4];
     for (int64_t k = lo; k < hi; ++k) {
-      const int8_t* r = Q + k * D;
-      for (int64_t n = 0; n < N; ++n) {
-        const int8_t* x = H + n * D;
-        int64_t t = 0;
-        int32_t isum = 0;
-#ifdef FH_AVX2
-        __m256i acc = _mm256_setzero_si256();
-        for (; t + 32 <= D; t += 32) {  // |r| (unsigned) times x with r's sign: int16 pairs, then int32
-          const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + t));
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u, u),
-                                 _mm256_sign_epi8(v, u)), _mm256_set1_epi16(1)));
-        }
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        isum = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
-#endif
-        for (; t < D; ++t) isum += static_cast<int32_t>(r[t]) * static_cast<int32_t>(x[t]);
-        O[n * K + k] = static_cast<float>(isum) * A[n] * S[k];
+      for (int64_t n = 0; n < N; n += 4) {
+        const int64_t R = std::min<int64_t>(4, N - n);
+        if (R == 4) int8_tile<4>(Q + k * D, H + n * D, D, isum);
+        else if (R == 3) int8_tile<3>(Q + k * D, H + n * D, D, isum);
+        else if (R == 2) int8_tile<2>(Q + k * D, H + n * D, D, isum);
+        else int8_tile<1>(Q + k * D, H + n * D, D, isum);
+        for (int64_t i = 0; i < R; ++i) O[(n + i) * K + k] = static_cast<float>(isum[i]) * A[n + i] * S[k];
       }
     }
   });
@@ -257,20 +285,6 @@ static inline float int8_block(const float* x, int64_t n, int8_t* q) {
   for (int64_t j = 0; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * mult));
   return amax;
 }
-
-// u8 x s8 dot products of 4 bytes, added into 8 int32 lanes: VNNI where the CPU has it, else the same sums
-// in two steps (15 x 127 x 2 fits int16: no saturation for 4-bit weights)
-#ifdef FH_AVX2
-static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, u, s);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(acc, u, s);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-#endif
 
 #ifdef FH_AVX2
 static inline __m256 bf16x8(const uint16_t* p) {
@@ -454,9 +468,12 @@ std::vector<torch::Tensor> q8_0_quantize(torch::Tensor x) {
 // Greedy token per row over Q8_0 rows: the logits of the probed clusters' slots (as q8[q8]_gather_gemv) and of
 // the always-scored slots, the largest wins, ties to the smallest token id as torch.argmax over dense logits
 // does; empty slots (id -1) never compete. One call instead of ~20 small torch ops per decode step.
+// With margin (per row), logits holds approximations within margin[n] / 2 of the logits dot(slot, n) gives:
+// only the slots within margin[n] of the row's best approximation can hold the largest dot(slot, n), so only
+// they are rescored with dot, and the token is the one scoring every slot with dot would pick.
 template <typename Dot>
-torch::Tensor q8_greedy_impl(const torch::Tensor& logits, const torch::Tensor& slot_token,
-                             const torch::Tensor& clusters, const torch::Tensor& always_slots, int64_t cap, Dot dot) {
+torch::Tensor q8_greedy_impl(const torch::Tensor& logits, const torch::Tensor& slot_token, const torch::Tensor& clusters,
+                             const torch::Tensor& always_slots, int64_t cap, Dot dot, const float* margin) {
   const int64_t N = clusters.size(0), p = clusters.size(1), A = always_slots.size(0);
   auto best = torch::empty({N}, torch::dtype(torch::kInt64));
   const float* L = logits.data_ptr<float>();
@@ -464,20 +481,36 @@ torch::Tensor q8_greedy_impl(const torch::Tensor& logits, const torch::Tensor& s
   const int64_t* C = clusters.data_ptr<int64_t>();
   const int64_t* AS = always_slots.data_ptr<int64_t>();
   int64_t* B = best.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    float top = -std::numeric_limits<float>::infinity();
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float top = -inf, cut = -inf;
     int64_t id = std::numeric_limits<int64_t>::max();
     const auto offer = [&](float v, int64_t t) {
-      if (t >= 0 && (v > top || (v == top && t < id))) { top = v; id = t; }
+      if (v > top || (v == top && t < id)) { top = v; id = t; }
     };
+    if (margin) {
+      for (int64_t j = 0; j < p; ++j) {
+        const int64_t* ts = T + C[n * p + j] * cap;
+        const float* l = L + (n * p + j) * cap;
+        for (int64_t c = 0; c < cap; ++c) if (ts[c] >= 0) cut = std::max(cut, l[c]);
+      }
+      cut -= margin[n];
+    }
     for (int64_t j = 0; j < p; ++j) {
-      const int64_t* ts = T + C[n * p + j] * cap;
+      const int64_t k = C[n * p + j];
+      const int64_t* ts = T + k * cap;
       const float* l = L + (n * p + j) * cap;
-      for (int64_t c = 0; c < cap; ++c) offer(l[c], ts[c]);
+      for (int64_t c = 0; c < cap; ++c) {
+        if (ts[c] < 0) continue;
+        if (!margin) offer(l[c], ts[c]);
+        else if (l[c] >= cut) offer(dot(k * cap + c, n), ts[c]);
+      }
     }
     for (int64_t a = 0; a < A; ++a) offer(dot(AS[a], n), T[AS[a]]);
     B[n] = id;
   }
+  });
   return best;
 }
 
@@ -495,22 +528,41 @@ torch::Tensor q8q8_gather_gemv(torch::Tensor rows, torch::Tensor scales, torch::
 template <typename S>
 torch::Tensor q8_greedy_t(const torch::Tensor& rows, const torch::Tensor& scales, const torch::Tensor& slot_token,
                           const torch::Tensor& clusters, const torch::Tensor& h, const torch::Tensor& always_slots,
-                          bool quantize) {
-  const int64_t cap = rows.size(1), d = rows.size(2), nb = d / 32;
+                          bool quantize, const torch::Tensor& block_l1) {
+  const int64_t N = h.size(0), cap = rows.size(1), d = rows.size(2), nb = d / 32;
   const int8_t* R = rows.data_ptr<int8_t>();
   const S* SC = scales.data_ptr<S>();
-  if (!quantize) {
-    const float* H = h.data_ptr<float>();
-    return q8_greedy_impl(q8_gemv<S>(rows, scales, clusters, h), slot_token, clusters, always_slots, cap,
-                             [&](int64_t slot, int64_t n) { return q8_dot(R + slot * d, SC + slot * nb, H + n * d, nb); });
-  }
+  const float* H = h.data_ptr<float>();
   const auto act = q8_0_quantize(h);
   const int8_t* Q = act[0].data_ptr<int8_t>();
   const float* QS = act[1].data_ptr<float>();
-  return q8_greedy_impl(q8q8_gemv<S>(rows, scales, clusters, act[0], act[1]), slot_token, clusters, always_slots, cap,
-                           [&](int64_t slot, int64_t n) {
-                             return q8q8_dot(R + slot * d, SC + slot * nb, Q + n * d, QS + n * nb, nb);
-                           });
+  const auto approx = q8q8_gemv<S>(rows, scales, clusters, act[0], act[1]);
+  if (quantize)
+    return q8_greedy_impl(approx, slot_token, clusters, always_slots, cap, [&](int64_t slot, int64_t n) {
+      return q8q8_dot(R + slot * d, SC + slot * nb, Q + n * d, QS + n * nb, nb);
+    }, nullptr);
+  // fp32 h, at about the cost of int8 products: a row's Q8_0 logit differs from its fp32-h logit by at most
+  // sum_b l1_b * e_b, l1_b = the largest sum |w| over a block b of any row (block_l1), e_b = the largest
+  // |h - dequantized h| in block b; plus both kernels' float rounding, under (3 nb + 24) * 2^-23 *
+  // sum_b l1_b * amax_b (amax_b = max |h| in block b; both sums stay under that). Twice that is the margin.
+  const float* L1 = block_l1.data_ptr<float>();
+  const float slack = (3.f * nb + 24.f) * std::ldexp(1.f, -23);
+  std::vector<float> margin(N);
+  for (int64_t n = 0; n < N; ++n) {
+    float m = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.f, e = 0.f;
+      for (int64_t j = b * 32; j < b * 32 + 32; ++j) {
+        amax = std::max(amax, std::fabs(H[n * d + j]));
+        e = std::max(e, std::fabs(H[n * d + j] - Q[n * d + j] * QS[n * nb + b]));
+      }
+      m += L1[b] * (e + slack * amax);
+    }
+    margin[n] = 2.f * m * (1.f + slack);
+  }
+  return q8_greedy_impl(approx, slot_token, clusters, always_slots, cap, [&](int64_t slot, int64_t n) {
+    return q8_dot(R + slot * d, SC + slot * nb, H + n * d, nb);
+  }, margin.data());
 }
 
 // Balanced k-means' forward auction (flashhead/cluster.py, _auction, which documents it): the same rounds,
@@ -639,10 +691,10 @@ std::tuple<torch::Tensor, int64_t> auction(torch::Tensor cost, torch::Tensor mem
 }
 
 torch::Tensor q8_greedy(torch::Tensor rows, torch::Tensor scales, torch::Tensor slot_token, torch::Tensor clusters,
-                        torch::Tensor h, torch::Tensor always_slots, bool quantize) {
+                        torch::Tensor h, torch::Tensor always_slots, bool quantize, torch::Tensor block_l1) {
   if (scales.scalar_type() == torch::kFloat16)
-    return q8_greedy_t<at::Half>(rows, scales, slot_token, clusters, h, always_slots, quantize);
-  return q8_greedy_t<float>(rows, scales, slot_token, clusters, h, always_slots, quantize);
+    return q8_greedy_t<at::Half>(rows, scales, slot_token, clusters, h, always_slots, quantize, block_l1);
+  return q8_greedy_t<float>(rows, scales, slot_token, clusters, h, always_slots, quantize, block_l1);
 }
 """
 
@@ -776,16 +828,21 @@ def q8_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def q8_greedy(rows: torch.Tensor, scales: torch.Tensor, slot_token: torch.Tensor, clusters: torch.Tensor,
-              h: torch.Tensor, always_slots: torch.Tensor, quantize: bool) -> torch.Tensor | None:
+              h: torch.Tensor, always_slots: torch.Tensor, quantize: bool, block_l1: torch.Tensor) -> torch.Tensor | None:
     """Greedy tokens ``[N]`` over Q8_0 rows (``rows [K, cap, d]``, ``scales``, ``slot_token [K, cap]``): the
     probed ``clusters [N, p]`` plus the flat ``always_slots [A]``, fp32 ``h [N, d]`` taken as is or in Q8_0
-    (``quantize``); the largest logit, ties to the smallest id. None when the kernel does not apply."""
+    (``quantize``); the largest logit, ties to the smallest id. None when the kernel does not apply.
+
+    With fp32 ``h`` every slot is scored in Q8_0 first and only those that can still win are rescored with
+    ``h`` (``block_l1``: :func:`flashhead.head.q8_0_block_l1` of the rows bounds the difference): the same
+    token as scoring them all with ``h``, at about the cost of int8 products."""
     if not (_q8_applies(rows, scales) and h.dtype == torch.float32 and _on_cpu(h, slot_token)):
         return None
     mod = _module()
     if mod is None:
         return None
-    return mod.q8_greedy(rows, scales, slot_token, clusters.contiguous(), h, always_slots.contiguous(), bool(quantize))
+    return mod.q8_greedy(rows, scales, slot_token, clusters.contiguous(), h, always_slots.contiguous(), bool(quantize),
+                         block_l1.float().contiguous())
 
 
 def auction(cost: torch.Tensor, members: torch.Tensor, row_group: torch.Tensor, capacity: torch.Tensor, eps: float,

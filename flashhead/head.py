@@ -131,6 +131,19 @@ def q8_0_rows(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, to
     return torch.cat(qs), torch.cat(ss)
 
 
+def q8_0_block_l1(q: torch.Tensor, scales: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``[d // 32]`` fp32: per block of 32 columns, the largest ``scale * sum |int8|`` over the Q8_0 rows
+    ``q [..., d]``, ``scales [..., d // 32]``: by how much rounding ``h`` in that block by ``e`` can move any
+    row's logit, per unit of ``e`` (the greedy kernel's margin; exact: 12-bit sums times fp16 scales)."""
+    d = q.shape[-1]
+    q, scales = q.reshape(-1, d // Q8_BLOCK, Q8_BLOCK), scales.reshape(-1, d // Q8_BLOCK)
+    out = torch.zeros(d // Q8_BLOCK)
+    for a in range(0, q.shape[0], chunk):
+        l1 = q[a:a + chunk].to(torch.int16).abs_().sum(-1, dtype=torch.int32).float() * scales[a:a + chunk].float()
+        out = torch.maximum(out, l1.amax(0))
+    return out
+
+
 def _block_amax(w: torch.Tensor) -> torch.Tensor:
     """``|w|.amax(-1, keepdim=True)`` over blocks of 32 by halving (torch's reduction over a short last
     dimension is ~10x slower)."""
@@ -345,6 +358,8 @@ class FlashHead(torch.nn.Module):
         # rows: a reference, never copied, never saved (it is the model's weight).
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("row_scales", row_scales, persistent=False)  # None: float rows
+        self.register_buffer("_block_l1", None if row_scales is None else q8_0_block_l1(rows, row_scales),
+                             persistent=False)
         self.quantize_activations = bool(quantize_activations)
         self.register_buffer("slot_token", slot_token, persistent=False)
         self._has_empty = n_empty > 0
@@ -413,7 +428,7 @@ class FlashHead(torch.nn.Module):
         """Keep stage-1 tensors in their dtypes (losslessly) when the module is cast
         (``model.half()``, ``.to(torch.bfloat16)``); device moves apply as usual."""
         keep = {n: b for n, b in self._buffers.items()
-                if n in ("_c_t", "_scale", "_sz", "_mean", "_int4_sz", "row_scales") and b is not None}
+                if n in ("_c_t", "_scale", "_sz", "_mean", "_int4_sz", "row_scales", "_block_l1") and b is not None}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
@@ -789,7 +804,7 @@ class FlashHead(torch.nn.Module):
         clusters = self._select(h, self._n_probes, ordered=False)[0]
         if self.row_scales is not None and not (torch.is_grad_enabled() and h.requires_grad):
             fused = _kernels.q8_greedy(self.rows, self.row_scales, self.slot_token, clusters, h.float(),
-                                       self._always_slot, self.quantize_activations)
+                                       self._always_slot, self.quantize_activations, self._block_l1)
             if fused is not None:  # stage 2, the always-scored ids and the argmax in one compiled call
                 return fused
         ids, logits = self._candidates(h, clusters)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashhead import _kernels
-from flashhead.head import FlashHead, q8_0_dequantize, q8_0_from_blocks, q8_0_quantize, q8_0_rows
+from flashhead.head import FlashHead, q8_0_block_l1, q8_0_dequantize, q8_0_from_blocks, q8_0_quantize, q8_0_rows
 
 
 def q8_head(V: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -173,7 +173,7 @@ def test_q8_greedy_kernel_gives_the_torch_paths_tokens_and_tie_rule(monkeypatch,
     g = torch.Generator().manual_seed(8)
     h = torch.cat([torch.randn(6, 640, generator=g), W[[40, 3, 250]] * 50])  # rows 6..8: 40 (= 250) and 3 win
     assert _kernels.q8_greedy(head.rows, head.row_scales, head.slot_token, head.select_clusters(h), h,
-                              head._always_slot, quantize) is not None
+                              head._always_slot, quantize, head._block_l1) is not None
     ids, logits = head.candidates(h[8:], head.select_clusters(h[8:]))
     assert float(logits[ids == 250]) == float(logits[ids == 40]) == float(logits.max())  # the tie is really met
     fused = head.greedy(h)
@@ -181,6 +181,33 @@ def test_q8_greedy_kernel_gives_the_torch_paths_tokens_and_tie_rule(monkeypatch,
     ref = head.greedy(h)
     assert torch.equal(fused, ref)
     assert fused[6:].tolist() == [40, 3, 40]
+
+
+def test_q8_greedy_with_fp32_h_rescores_what_q8_activations_would_get_wrong(monkeypatch):
+    """The compiled fp32-h greedy scores in Q8_0 first and rescores only the slots that can still win: on
+    near ties, where the Q8_0 activations' argmax differs from the fp32 one, it still gives the fp32 argmax."""
+    if not _kernels.build():
+        pytest.skip("no C++ compiler on this machine: the torch path is used (and tested everywhere else)")
+    W = q8_head(512, 256, seed=3)
+    W[300:400] = W[200:300]
+    W[300:400, :32] = q8_head(100, 32, seed=4)  # 100 pairs of rows (200 + i, 300 + i) that differ in block 0
+    _, head, quantized = heads(W, K=32, p=32)
+    g = torch.Generator().manual_seed(5)
+    h = W[200:300] * 40 + torch.randn(100, 256, generator=g)  # each pair on top
+    diff = W[200:300, :32] - W[300:400, :32]
+    tie = 1e-3 * (torch.rand(100, generator=g) - 0.5)  # pair i's logits apart by tie[i] only
+    h[:, :32] -= ((diff * h[:, :32]).sum(1) - tie)[:, None] * diff / (diff * diff).sum(1, keepdim=True)
+    fused, flipped = head.greedy(h), quantized.greedy(h)
+    monkeypatch.setattr(_kernels, "q8_greedy", lambda *a: None)
+    exact = head.greedy(h)  # every slot scored with the fp32 h, torch's argmax
+    assert int((flipped != exact).sum()) >= 3  # Q8_0 activations really flip some of the pairs
+    assert torch.equal(fused, exact)
+
+
+def test_q8_0_block_l1_is_the_largest_block_sum_of_abs_weights():
+    q, s = q8_0_rows(q8_head(100, 96, seed=2))
+    want = (q8_0_dequantize(q, s).abs().view(100, 3, 32).double().sum(-1)).amax(0)
+    assert torch.equal(q8_0_block_l1(q, s, chunk=7).double(), want)
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32-h", "q8-h"])
