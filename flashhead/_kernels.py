@@ -59,7 +59,7 @@ torch::Tensor for_pairs(const torch::Tensor& clusters, int64_t K, int64_t cap, F
   auto out = torch::empty({N, p * cap}, torch::dtype(torch::kFloat32));
   const int64_t* C = clusters.data_ptr<int64_t>();
   float* O = out.data_ptr<float>();
-  // flat indices n * p + j by cluster, then index (a counting sort: std::sort took ~0.5 ms at batch 8)
+  // flat indices n * p + j by cluster, then index (a counting sort: no comparisons)
   std::vector<int64_t> start(K + 1, 0), order(total);
   for (int64_t i = 0; i < total; ++i) {
     TORCH_CHECK(C[i] >= 0 && C[i] < K, "flashhead: cluster id ", C[i], " out of range [0, ", K, ")");
