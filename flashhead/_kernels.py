@@ -483,33 +483,33 @@ torch::Tensor q8_greedy_impl(const torch::Tensor& logits, const torch::Tensor& s
   int64_t* B = best.data_ptr<int64_t>();
   const float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    float top = -inf, cut = -inf;
-    int64_t id = std::numeric_limits<int64_t>::max();
-    const auto offer = [&](float v, int64_t t) {
-      if (v > top || (v == top && t < id)) { top = v; id = t; }
-    };
-    if (margin) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float top = -inf, cut = -inf;
+      int64_t id = std::numeric_limits<int64_t>::max();
+      const auto offer = [&](float v, int64_t t) {
+        if (v > top || (v == top && t < id)) { top = v; id = t; }
+      };
+      if (margin) {
+        for (int64_t j = 0; j < p; ++j) {
+          const int64_t* ts = T + C[n * p + j] * cap;
+          const float* l = L + (n * p + j) * cap;
+          for (int64_t c = 0; c < cap; ++c) if (ts[c] >= 0) cut = std::max(cut, l[c]);
+        }
+        cut -= margin[n];
+      }
       for (int64_t j = 0; j < p; ++j) {
-        const int64_t* ts = T + C[n * p + j] * cap;
+        const int64_t k = C[n * p + j];
+        const int64_t* ts = T + k * cap;
         const float* l = L + (n * p + j) * cap;
-        for (int64_t c = 0; c < cap; ++c) if (ts[c] >= 0) cut = std::max(cut, l[c]);
+        for (int64_t c = 0; c < cap; ++c) {
+          if (ts[c] < 0) continue;
+          if (!margin) offer(l[c], ts[c]);
+          else if (l[c] >= cut) offer(dot(k * cap + c, n), ts[c]);
+        }
       }
-      cut -= margin[n];
+      for (int64_t a = 0; a < A; ++a) offer(dot(AS[a], n), T[AS[a]]);
+      B[n] = id;
     }
-    for (int64_t j = 0; j < p; ++j) {
-      const int64_t k = C[n * p + j];
-      const int64_t* ts = T + k * cap;
-      const float* l = L + (n * p + j) * cap;
-      for (int64_t c = 0; c < cap; ++c) {
-        if (ts[c] < 0) continue;
-        if (!margin) offer(l[c], ts[c]);
-        else if (l[c] >= cut) offer(dot(k * cap + c, n), ts[c]);
-      }
-    }
-    for (int64_t a = 0; a < A; ++a) offer(dot(AS[a], n), T[AS[a]]);
-    B[n] = id;
-  }
   });
   return best;
 }
@@ -541,10 +541,11 @@ torch::Tensor q8_greedy_t(const torch::Tensor& rows, const torch::Tensor& scales
     return q8_greedy_impl(approx, slot_token, clusters, always_slots, cap, [&](int64_t slot, int64_t n) {
       return q8q8_dot(R + slot * d, SC + slot * nb, Q + n * d, QS + n * nb, nb);
     }, nullptr);
-  // fp32 h, at about the cost of int8 products: a row's Q8_0 logit differs from its fp32-h logit by at most
-  // sum_b l1_b * e_b, l1_b = the largest sum |w| over a block b of any row (block_l1), e_b = the largest
-  // |h - dequantized h| in block b; plus both kernels' float rounding, under (3 nb + 24) * 2^-23 *
-  // sum_b l1_b * amax_b (amax_b = max |h| in block b; both sums stay under that). Twice that is the margin.
+  // fp32 h, at about the cost of int8 products: a row's Q8_0-h logit differs from its fp32-h logit by at most
+  // sum_b l1_b * e_b (l1_b: the largest sum |w| over block b of any row, block_l1; e_b: the largest
+  // |h - dequantized h| in block b), plus both kernels' float rounding: each sums terms whose sizes add up
+  // to about sum_b l1_b * amax_b (amax_b = max |h| in block b) with under nb + 12 roundings, so
+  // (3 nb + 24) * 2^-23 of that covers both with room. Twice the total is the margin.
   const float* L1 = block_l1.data_ptr<float>();
   const float slack = (3.f * nb + 24.f) * std::ldexp(1.f, -23);
   std::vector<float> margin(N);
