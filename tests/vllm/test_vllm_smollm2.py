@@ -27,7 +27,8 @@ def ref(smollm2_folder):
 
     torch.set_num_threads(1)
     model, tok = reference_model(smollm2_folder)
-    out = {"greedy": greedy_reference(model, tok, real_prompts(), NEW_TOKENS)}
+    out = {"greedy": greedy_reference(model, tok, real_prompts(), NEW_TOKENS),
+           "greedy64": greedy_reference(model, tok, real_prompts(64, words=20), 8)}
     with torch.inference_mode():
         ids = tok(SAMPLE_PROMPT, return_tensors="pt").input_ids
         h = model.base_model(input_ids=ids).last_hidden_state[:, -1]
@@ -79,6 +80,14 @@ def test_greedy_tokens_equal_the_transformers_integration(llm, ref):
 
     out = llm.generate(real_prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
     assert _tokens(out) == ref["greedy"]
+
+
+def test_64_greedy_requests_batched_together_give_the_transformers_tokens(llm, ref):
+    """64 requests in one call: vLLM's continuous batching runs them as one batch of up to 64 rows."""
+    from vllm import SamplingParams
+
+    out = llm.generate(real_prompts(64, words=20), SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    assert _tokens(out) == ref["greedy64"]
 
 
 def _chi2_pvalue(a: list[int], b: list[int], bins: list) -> float:

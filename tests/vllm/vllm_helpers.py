@@ -11,13 +11,15 @@ PROMPT_TEXTS = (("persuasion", 20_000), ("persuasion", 60_000), ("northangerabbe
 
 
 def real_prompts(n: int = 4, words: int = 40) -> list[str]:
-    """``n`` prompts of ``words`` words cut from held-out novels, each starting at a sentence."""
+    """``n`` prompts of ``words`` words cut from held-out novels, each starting at a sentence (beyond the
+    first four, 3,000 characters further on at each round)."""
     from flashhead.data import load_text
 
     prompts = []
-    for name, start in PROMPT_TEXTS[:n]:
+    for i in range(n):
+        name, start = PROMPT_TEXTS[i % len(PROMPT_TEXTS)]
         text = load_text(name)
-        begin = text.index(". ", start) + 2
+        begin = text.index(". ", start + 3000 * (i // len(PROMPT_TEXTS))) + 2
         prompts.append(" ".join(text[begin:].split()[:words]))
     return prompts
 
