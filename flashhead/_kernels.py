@@ -264,13 +264,11 @@ torch::Tensor int8_scores(torch::Tensor q, torch::Tensor s, torch::Tensor hq, to
   at::parallel_for(0, K, 256, [&](int64_t lo, int64_t hi) {
     int32_t isum[4];
     for (int64_t k = lo; k < hi; ++k) {
-      for (int64_t n = 0; n < N; n += 4) {
-        const int64_t R = std::min<int64_t>(4, N - n);
+      for (int64_t n = 0; n < N;) {
+        const int64_t R = N - n >= 4 ? 4 : 1;  // as int4_scores: 4 rows at a time, the rest one by one
         if (R == 4) int8_tile<4>(Q + k * D, H + n * D, D, isum);
-        else if (R == 3) int8_tile<3>(Q + k * D, H + n * D, D, isum);
-        else if (R == 2) int8_tile<2>(Q + k * D, H + n * D, D, isum);
         else int8_tile<1>(Q + k * D, H + n * D, D, isum);
-        for (int64_t i = 0; i < R; ++i) O[(n + i) * K + k] = static_cast<float>(isum[i]) * A[n + i] * S[k];
+        for (int64_t i = 0; i < R; ++i, ++n) O[n * K + k] = static_cast<float>(isum[i]) * A[n] * S[k];
       }
     }
   });

@@ -23,10 +23,9 @@ MODEL = "gemma3-270m"
 
 
 def _all_fp32(head, clusters: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Every slot's logit with fp32 h, then the argmax (ties to the smallest id): the greedy call before."""
-    logits = _kernels.q8_gather_gemv(head.rows, head.row_scales, clusters, h)
-    ids = head.slot_token[clusters].view(h.shape[0], -1)
-    logits = logits.masked_fill(ids < 0, float("-inf"))
+    """Every slot's logit with fp32 h (the head's own stage 2), then the argmax, ties to the smallest id:
+    the greedy call before."""
+    ids, logits = head._candidates(h, clusters)
     return torch.where(logits == logits.amax(1, keepdim=True), ids, torch.iinfo(torch.int64).max).amin(1)
 
 
