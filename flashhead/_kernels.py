@@ -15,9 +15,13 @@ small steps, replayed bit for bit in one call. Measurements: docs/kernels.md, do
 
 Compiled once per environment with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
 ``scripts/setup.sh`` builds it) into ``<cache>/kernels/<key>``, the key covering the source, the
-torch version and install path (one build per environment) and the CPU's instruction-set flags
-(``-march=native``). Without a compiler, or with
-``FLASHHEAD_NO_KERNEL=1``, the functions return None and the head uses its torch path.
+torch version and install path (one build per environment), the target and the CPU's instruction-set
+flags. The target is this CPU (``-march=native``) unless ``FLASHHEAD_KERNEL_ARCH`` names another gcc
+``-march`` target: ``x86-64-v3`` (AVX2 + FMA, what AMD Zen 2/3 and many laptops run), ``x86-64-v2`` (no
+AVX2: the scalar paths) or ``cascadelake`` (AVX-512 VNNI without AVX-VNNI); ``make test`` runs the kernel
+tests once per target this CPU can execute (:func:`runnable_archs`), so every instruction-set path runs in CI.
+Without a compiler, or with ``FLASHHEAD_NO_KERNEL=1``, the functions return None and the head uses its
+torch path.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import warnings
 from pathlib import Path
 
@@ -126,6 +131,19 @@ static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #else
 static inline float scale_at(const at::Half* s, int64_t b) { return static_cast<float>(s[b]); }
 #endif
+
+// Which instruction-set path this build compiled (the tests check that a named target gets its own)
+std::string isa_path() {
+#if defined(FH_AVX2) && defined(__AVXVNNI__)
+  return "avx2+avx-vnni";
+#elif defined(FH_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx2+avx512-vnni";
+#elif defined(FH_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
 
 // One Q8_0 row (int8 r [d], scales s [d/32]) . fp32 h [d]: per block the sum of int8 * h (fp32), times the
 // block's scale, added into running sum b % 2 (two independent chains), the two added at the end.
@@ -697,11 +715,16 @@ torch::Tensor q8_greedy(torch::Tensor rows, torch::Tensor scales, torch::Tensor 
 }
 """
 
-_FUNCTIONS = ["gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "int4_scores", "top_unsorted",
+_FUNCTIONS = ["isa_path", "gather_gemv", "q8_gather_gemv", "q8q8_gather_gemv", "int8_scores", "int4_scores", "top_unsorted",
               "q8_0_quantize", "q8_greedy", "auction"]
-# -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
-# libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+#: named targets whose instruction sets are checked against this CPU before a build (/proc/cpuinfo flag names);
+#: each selects one of the kernels' instruction-set paths (``dot4``, ``FH_AVX2``), named in ARCH_PATH
+ARCH_CPU_FLAGS = {
+    "x86-64-v2": ("ssse3", "sse4_1", "sse4_2", "popcnt"),
+    "x86-64-v3": ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"),
+    "cascadelake": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"),
+}
+ARCH_PATH = {"x86-64-v2": "scalar", "x86-64-v3": "avx2", "cascadelake": "avx2+avx512-vnni"}
 
 
 def _cpu_flags() -> str:
@@ -712,6 +735,47 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def runnable_archs() -> list[str]:
+    """The named targets of :data:`ARCH_CPU_FLAGS` this CPU can execute (none off x86)."""
+    flags = set(_cpu_flags().split())
+    return [a for a, need in ARCH_CPU_FLAGS.items() if set(need) <= flags]
+
+
+def native_path() -> str:
+    """The instruction-set path a ``-march=native`` build takes on this CPU (see ``isa_path``)."""
+    flags = set(_cpu_flags().split())
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "scalar"
+    if "avx_vnni" in flags:
+        return "avx2+avx-vnni"
+    return "avx2+avx512-vnni" if {"avx512_vnni", "avx512vl"} <= flags else "avx2"
+
+
+def other_path_archs() -> list[str]:
+    """The runnable named targets whose path differs from the native build's: what ``make test`` reruns the
+    kernel tests with, so every path this CPU can execute runs once."""
+    return [a for a in runnable_archs() if ARCH_PATH[a] != native_path()]
+
+
+def _arch() -> str:
+    """The ``-march`` target: ``FLASHHEAD_KERNEL_ARCH``, else ``native``; a named target this CPU cannot
+    execute is refused (a build for it would stop the process with an illegal instruction)."""
+    arch = os.environ.get("FLASHHEAD_KERNEL_ARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arch):
+        raise ValueError(f"FLASHHEAD_KERNEL_ARCH={arch!r} is not a gcc -march target name (e.g. x86-64-v3)")
+    missing = [f for f in ARCH_CPU_FLAGS.get(arch, ()) if f not in _cpu_flags().split()]
+    if missing:
+        raise ValueError(f"FLASHHEAD_KERNEL_ARCH={arch} needs CPU features this machine lacks ({', '.join(missing)}); "
+                         f"choose one of {runnable_archs() or ['native']} or unset it")
+    return arch
+
+
+def _cflags() -> list[str]:
+    # -fopenmp: at::parallel_for splits the pairs over torch's intra-op threads; the extension links
+    # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)
+    return ["-O3", f"-march={_arch()}", "-fopenmp"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -725,12 +789,13 @@ def _module():
 
     # torch's install path too: two environments sharing the cache would rebuild each other's build folder
     torch_at = Path(torch.__file__).parent
-    key = hashlib.sha256(f"{_SOURCE}|{_CFLAGS}|{torch.__version__}|{torch_at}|{_cpu_flags()}".encode()).hexdigest()[:16]
+    cflags = _cflags()
+    key = hashlib.sha256(f"{_SOURCE}|{cflags}|{torch.__version__}|{torch_at}|{_cpu_flags()}".encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels" / key
     folder.mkdir(parents=True, exist_ok=True)
     try:
         return load_inline(f"flashhead_stage2_{key}", cpp_sources=_SOURCE, functions=_FUNCTIONS,
-                           extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                           extra_cflags=cflags, extra_ldflags=["-fopenmp"], build_directory=str(folder),
                            verbose=False)
     except Exception as e:  # no compiler / ninja: the torch path is correct, only slower
         warnings.warn(f"flashhead: the stage-2 kernel could not be built ({type(e).__name__}: {e}); "
@@ -862,3 +927,10 @@ def auction(cost: torch.Tensor, members: torch.Tensor, row_group: torch.Tensor, 
 def build() -> bool:
     """Compile the kernel now (set-up calls this); True when it is available."""
     return _module() is not None
+
+
+def isa_path() -> str | None:
+    """The instruction-set path of the build in use ("avx2+avx-vnni", "avx2+avx512-vnni", "avx2" or "scalar"),
+    or None without a compiled kernel."""
+    mod = _module()
+    return None if mod is None else mod.isa_path()

@@ -10,20 +10,15 @@ the sampled one must be a well-formed answer. The server runs in its own process
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from vllm_helpers import greedy_reference, reference_model
+from vllm_helpers import free_port, greedy_reference, post_json, reference_model, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -45,21 +40,9 @@ def expected(smollm2_folder):
         gc.collect()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_folder, expected, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server_log") / "vllm-serve.log"
     vllm = Path(sys.executable).with_name("vllm")
     assert vllm.is_file(), f"no vllm command next to {sys.executable}: run the set-up (make setup)"
@@ -70,17 +53,7 @@ def server(smollm2_folder, expected, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, f"vllm serve did not start in {START_TIMEOUT} s:\n{log.read_text()[-3000:]}"
-            time.sleep(2)
+        wait_until_healthy(proc, base, log, START_TIMEOUT)
         yield base, log
     finally:
         if proc.poll() is None:
@@ -94,9 +67,9 @@ def server(smollm2_folder, expected, tmp_path_factory):
 
 def test_openai_chat_completions_with_flashhead(server, smollm2_folder, expected):
     base, log = server
-    greedy = _post(f"{base}/v1/chat/completions", {"model": str(smollm2_folder), "messages": QUESTION,
+    greedy = post_json(f"{base}/v1/chat/completions", {"model": str(smollm2_folder), "messages": QUESTION,
                                                    "max_tokens": MAX_TOKENS, "temperature": 0.0})
-    sampled = _post(f"{base}/v1/chat/completions", {"model": str(smollm2_folder), "messages": QUESTION,
+    sampled = post_json(f"{base}/v1/chat/completions", {"model": str(smollm2_folder), "messages": QUESTION,
                                                     "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": 3})
     assert greedy["choices"][0]["message"]["content"] == expected
     assert "Paris" in expected

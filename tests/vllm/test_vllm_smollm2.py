@@ -10,34 +10,57 @@ import gc
 
 import pytest
 import torch
-from vllm_helpers import engine, greedy_reference, head_facts, real_prompts, reference_model
+from vllm_helpers import engine, far_outside, grammar_words_outside, greedy_reference, head_facts, real_prompts, reference_model
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
-SAMPLE_PROMPT = "Here is a list of random English words: apple, river, window,"
+#: prompts with a flat next-token distribution; the sampling tests take the one whose exact tail mass (outside
+#: FlashHead's candidates, on the index in hand) is largest, so their premise is measured, not hoped for
+SAMPLE_PROMPTS = ("Here is a list of random English words: apple, river, window,",
+                  "Random words, one after another: lantern, copper, meadow, violin,",
+                  "She opened the old box and found")
 SAMPLES = 3000
 TEMPERATURE = 1.0
 
 
 @pytest.fixture(scope="module")
 def ref(smollm2_folder):
-    """What the transformers integration does on the folder: greedy tokens of the real prompts, and for
-    SAMPLE_PROMPT's next token the candidates, the dense logits and SAMPLES draws of FlashHead's sampler."""
+    """What the transformers integration does on the folder: greedy tokens of the real prompts; for
+    the sample prompt's next token the candidates, the dense logits, SAMPLES draws of FlashHead's sampler and the
+    tokens FlashHead cannot score there; and two grammar words whose first tokens it cannot score after the
+    first real prompt (checked on this index, whichever clusters this machine's build produced)."""
     from flashhead.integrations.transformers import dense_logits, flashhead_of
 
     torch.set_num_threads(1)
     model, tok = reference_model(smollm2_folder)
     out = {"greedy": greedy_reference(model, tok, real_prompts(), NEW_TOKENS),
            "greedy64": greedy_reference(model, tok, real_prompts(64, words=20), 8)}
+    from flashhead.evaluate import sampling_distribution
+
+    head = flashhead_of(model)
     with torch.inference_mode():
-        ids = tok(SAMPLE_PROMPT, return_tensors="pt").input_ids
+        tails = []
+        for prompt in SAMPLE_PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            h = model.base_model(input_ids=ids).last_hidden_state[:, -1]
+            cand, _ = head.candidates(h, head.select_clusters(h))
+            q = sampling_distribution(head, h, dense_logits(model, h), TEMPERATURE)[0]
+            inside = torch.zeros_like(q, dtype=torch.bool)
+            inside[cand[cand >= 0]] = True
+            tails.append((float(q[~inside].sum()), prompt))
+        tail, out["sample_prompt"] = max(tails)
+        assert SAMPLES * tail >= 40, f"no prompt puts a measurable mass outside the candidates: {tails}"
+        ids = tok(out["sample_prompt"], return_tensors="pt").input_ids
         h = model.base_model(input_ids=ids).last_hidden_state[:, -1]
-        head = flashhead_of(model)
         cand, _ = head.candidates(h, head.select_clusters(h))
         out["candidates"] = set(cand[cand >= 0].tolist())
         out["dense"] = dense_logits(model, h)[0]
         gen = torch.Generator().manual_seed(0)
         out["samples"] = head.sample(h.expand(SAMPLES, -1), temperature=TEMPERATURE, generator=gen).tolist()
+        out["outside"] = far_outside(head, h)
+        ids = tok(real_prompts()[0], return_tensors="pt").input_ids
+        h0 = model.base_model(input_ids=ids).last_hidden_state[:, -1]
+        out["grammar_words"] = grammar_words_outside(tok, far_outside(head, h0))
     del model, head
     gc.collect()
     return out
@@ -110,7 +133,7 @@ def test_sampled_tokens_follow_the_transformers_integrations_distribution(llm, r
     candidates are drawn, as often as the transformers integration draws them)."""
     from vllm import SamplingParams
 
-    out = llm.generate([SAMPLE_PROMPT] * SAMPLES, SamplingParams(max_tokens=1, temperature=TEMPERATURE),
+    out = llm.generate([ref["sample_prompt"]] * SAMPLES, SamplingParams(max_tokens=1, temperature=TEMPERATURE),
                        use_tqdm=False)
     got = [o.outputs[0].token_ids[0] for o in out]
     want = ref["samples"]
@@ -126,22 +149,24 @@ def test_sampled_tokens_follow_the_transformers_integrations_distribution(llm, r
 
 def test_mixed_batch_of_greedy_sampled_and_constrained_requests(llm, ref):
     """One batch: greedy rows, seeded sampled rows (same tokens as alone), allowed_token_ids outside the
-    candidates (scored exactly), a grammar (masks every candidate: dense fallback), logprobs (dense row)."""
+    candidates (scored exactly), a grammar whose first tokens are all outside the candidates (dense
+    fallback), logprobs (dense row). Which tokens are outside is read off the index in hand (see ``ref``)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     prompts = real_prompts()
-    outside = [t for t in ref["dense"].argsort(descending=True)[3000:3200].tolist() if t not in ref["candidates"]][:5]
-    choices = ["zebra crossing", "xylophone music"]
+    ranked = ref["dense"].argsort(descending=True).tolist()
+    outside = [t for t in ranked if ref["outside"][t]][:5]  # the dense head's favourites that FlashHead cannot score
+    choices = ref["grammar_words"]
     batch = [
         (prompts[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)),
         (prompts[1], SamplingParams(max_tokens=16, temperature=0.8, seed=1)),
         (prompts[2], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)),
         (prompts[3], SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, top_k=50, seed=2)),
-        (SAMPLE_PROMPT, SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=outside)),
+        (ref["sample_prompt"], SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=outside)),
         (prompts[0], SamplingParams(max_tokens=8, temperature=0.0,
                                     structured_outputs=StructuredOutputsParams(choice=choices))),
-        (SAMPLE_PROMPT, SamplingParams(max_tokens=1, temperature=0.0, logprobs=3)),
+        (ref["sample_prompt"], SamplingParams(max_tokens=1, temperature=0.0, logprobs=3)),
     ]
     [before] = llm.apply_model(head_facts)
     out = llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)
@@ -153,7 +178,7 @@ def test_mixed_batch_of_greedy_sampled_and_constrained_requests(llm, ref):
     dense = ref["dense"]
     assert got[4] == [max(outside, key=lambda t: dense[t])]
     assert out[5].outputs[0].text in choices
-    assert after["dense_fallbacks"] > before["dense_fallbacks"]  # the grammar left no candidate at some step
+    assert after["dense_fallbacks"] > before["dense_fallbacks"]  # the grammar left no candidate at its first step
     top = out[6].outputs[0].logprobs[0]
     best = int(dense.argmax())
     assert got[6] == [best] and set(top) >= {best}

@@ -89,3 +89,73 @@ def head_facts(model) -> dict:
             "n_probes": head.n_probes, "rows_bytes": head.rows.numel() * head.rows.element_size(),
             "stage2": "float" if head.row_scales is None else "q8_0", "one_hot_greedy": fh.one_hot_greedy,
             "dense_copy": fh._dense_w is not None, "vocab": fh.vocab, "dense_fallbacks": fh.dense_fallbacks}
+
+
+def far_outside(head, h, margin: int = 4):
+    """``[V]`` bool: the tokens FlashHead cannot score for hidden state ``h [1, d]`` with any float rounding
+    in between: their clusters rank beyond ``margin`` times the probe count under the head's own stage 1
+    (vLLM's h differs from transformers' in the last bits), and they are not always scored."""
+    import torch
+
+    wide = head.select_clusters(h, n_probes=min(head.K, margin * head.n_probes))
+    cand, _ = head.candidates(h, wide)
+    out = torch.ones(head.out_features, dtype=torch.bool)
+    out[cand[cand >= 0]] = False
+    out[head.always_ids] = False
+    return out
+
+
+def grammar_words_outside(tok, outside, n: int = 2) -> list[str]:
+    """``n`` ASCII words whose every possible first token (each vocabulary entry that spells a prefix of the
+    word) is in ``outside``: a grammar choosing among them leaves FlashHead no candidate at its first step."""
+    spelled: dict[str, list[int]] = {}
+    for i in range(len(outside)):
+        piece = tok.decode([i])
+        if piece.isascii() and piece.isalpha():
+            spelled.setdefault(piece, []).append(i)
+    words = []
+    for word in sorted(w for w in spelled if len(w) >= 5):  # deterministic order
+        starts = [i for j in range(1, len(word) + 1) for i in spelled.get(word[:j], ())]
+        if all(bool(outside[i]) for i in starts):
+            words.append(word)
+            if len(words) == n:
+                return words
+    raise AssertionError(f"found only {len(words)} words whose first tokens FlashHead cannot score")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc, base: str, log: Path, timeout: float) -> None:
+    """Wait for a started ``vllm serve`` (``proc``, logging to ``log``) to answer ``base``/health with 200."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, f"vllm serve did not start in {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(2)
+
+
+def post_json(url: str, body: dict) -> dict:
+    """POST ``body`` as JSON and return the JSON answer."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
