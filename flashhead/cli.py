@@ -155,17 +155,32 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_texts(ref: str) -> list[str]:
+    """``--text``: one built-in name or file, ``multilingual`` (corpora.REPORT_TEXTS), or a comma-separated list."""
+    from . import corpora
+
+    if ref == "multilingual":
+        return list(corpora.REPORT_TEXTS)
+    if "," in ref and not Path(ref).expanduser().exists():
+        return [t.strip() for t in ref.split(",") if t.strip()]
+    return [ref]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import data
     from .evaluate import EvalConfig, chat_text, evaluate, plot
     from .integrations.transformers import index_for
 
+    names = _report_texts(args.text)
+    if len(names) > 1:
+        return _eval_report(args, names)
     text = data.text_or_file(args.text)  # a bad file is reported before the model loads
     model, tok = _models.load_model(args.model)
     index = index_for(args.model, model, tok, args.index)
     default = index.config.n_probes
     probes = args.probes or sorted({max(1, default // 4), max(1, default // 2), default, min(2 * default, index.num_clusters)})
-    config = EvalConfig(positions=args.positions, prompts=args.prompts, new_tokens=args.new_tokens)
+    config = EvalConfig(positions=args.positions or 4096, prompts=100 if args.prompts is None else args.prompts,
+                        new_tokens=args.new_tokens)
     report = evaluate(model, tok, index, chat_text(tok, text) if args.chat else text, probes, stage1=args.stage1,
                       config=config, progress=not args.json)
     report.update(model=args.model, text=args.text, chat=args.chat)
@@ -185,6 +200,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * r['next_token_accuracy']:>6.2f}% {r['tv_t0.7']:>7.4f} {r['tv_t1.0']:>7.4f} {r['kl_t1.0']:>7.4f}")
     if args.plot:
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def _eval_report(args: argparse.Namespace, names: list[str]) -> int:
+    """``eval`` on several texts: one row per text (language, script, register, whether the index's calibration
+    has its language), at the index's default probes unless ``--probes`` says otherwise."""
+    from tqdm.auto import tqdm
+
+    from . import corpora, data
+    from .evaluate import EvalConfig, encoding_loss, evaluate
+    from .integrations.transformers import index_for
+
+    if args.chat or args.plot:
+        raise ValueError("--chat and --plot take one text; give --text a single name or file for them")
+    texts = {n: data.text_or_file(n) for n in names}  # bad names and files are reported before the model loads
+    model, tok = _models.load_model(args.model, verbose=not args.json)
+    lost = {n: encoding_loss(tok, t) for n, t in texts.items()}
+    bad = [f"{n} ({corpora.describe_or_file(n)['script']}, {loss:.0%} of its characters lost)"
+           for n, loss in lost.items() if loss > 0.05]
+    if bad:
+        raise ValueError(f"the tokenizer of {args.model} cannot encode {', '.join(bad)}: nothing there to measure; "
+                         "leave those texts out of --text")
+    index = index_for(args.model, model, tok, args.index, progress=not args.json)
+    calibrated = {corpora.describe_or_file(t)["language"] for n in (index.config.build.get("calibration") or {})
+                  .get("texts", []) for t in n.split("+")}
+    config = EvalConfig(positions=args.positions or 2048, prompts=args.prompts or 0, new_tokens=args.new_tokens)
+    probes = args.probes or [index.config.n_probes]
+    rows = {}
+    for n in tqdm(names, desc="texts", disable=args.json):
+        about = corpora.describe_or_file(n)
+        rows[n] = {**about, "calibrated_language": about["language"] in calibrated,
+                   "report": evaluate(model, tok, index, texts[n], probes, stage1=args.stage1, config=config,
+                                      progress=False)}
+    if args.json:
+        print(json.dumps({"model": args.model, "positions": config.positions, "texts": rows}, indent=2))
+        return 0
+    print(f"\n{args.model}: {config.positions} teacher-forced positions per text; 'calib.': the index's calibration "
+          "texts include this language")
+    print(f"{'text':<20} {'lang':<10} {'script':<10} {'register':<10} {'calib.':>6} {'probes':>6} {'bytes':>7} "
+          f"{'agree':>8} {'contain':>8} {'acc dense':>9} {'acc FH':>7} {'TV@1':>7}")
+    for n, r in rows.items():
+        rep = r["report"]
+        for st in rep["settings"]:
+            print(f"{n:<20} {r['language']:<10} {r['script']:<10} {r['register']:<10} "
+                  f"{'yes' if r['calibrated_language'] else 'no':>6} {st['n_probes']:>6} {100 * st['bytes_fraction']:>6.2f}% "
+                  f"{100 * st['agreement']:>7.2f}% {100 * st['containment']:>7.2f}% "
+                  f"{100 * rep['dense']['next_token_accuracy']:>8.2f}% {100 * st['next_token_accuracy']:>6.2f}% "
+                  f"{st['tv_t1.0']:>7.4f}")
+    worst = min(rows, key=lambda n: rows[n]["report"]["settings"][0]["agreement"])
+    print(f"lowest agreement: {worst}, {100 * rows[worst]['report']['settings'][0]['agreement']:.2f}% "
+          f"(target >= 99.9%)")
     return 0
 
 
@@ -229,15 +295,25 @@ def _int_list(text: str) -> list[int]:
 
 
 def _text_list(text: str) -> list[str]:
-    from .data import text_names
+    from pathlib import Path
+
+    from .data import calibration_parts, read_text_file, text_names
 
     names = [v.strip() for v in text.split(",") if v.strip()]
     if names == ["none"]:
         return names
-    bad = [t for n in names for t in n.split("+") if t not in text_names()]
+    parts = [t for n in names for t in calibration_parts(n)]
+    bad = [t for t in parts if t not in text_names() and not Path(t).expanduser().exists()]
     if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown text {', '.join(bad) or repr(text)}; choose from "
-                                         f"{', '.join(text_names())} (comma-separated), or 'none'")
+        raise argparse.ArgumentTypeError(f"unknown text {', '.join(bad) or repr(text)}: neither a built-in text "
+                                         f"({', '.join(text_names())}) nor a file; give a comma-separated list, "
+                                         "or 'none'")
+    for t in parts:  # a user's file: readable UTF-8 text now, not after the model has loaded
+        if t not in text_names():
+            try:
+                read_text_file(t)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
     return names
 
 
@@ -248,8 +324,9 @@ def _add_build_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
     s.add_argument("--iters", type=int, default=10, help="at most this many clustering iterations (default 10; fewer once the objective stops improving)")
     s.add_argument("--calibration", type=_text_list, default=list(DEFAULT_CALIBRATION_TEXTS), metavar="TEXTS",
-                   help="comma-separated built-in texts (e.g. prideprejudice, brown, brown:news; a+b mixes two "
-                        "texts, half the positions each): the first sets the clustering geometry and the "
+                   help="comma-separated built-in texts or UTF-8 files of your own (e.g. prideprejudice, brown:news, "
+                        "de-man, notes.txt; a+b+... mixes texts, equal positions each; multilingual-tune stands for "
+                        "every multilingual calibration text): the first sets the clustering geometry and the "
                         "always-scored tokens, and the build reports the probes each needs; or 'none' for "
                         "spherical clustering of raw rows "
                         f"(default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
@@ -300,15 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="measure FlashHead's fidelity and cost against the dense head on real text")
     s.add_argument("model", help=model_help)
-    s.add_argument("--text", default="persuasion", help="built-in text (e.g. persuasion, code-heldout) or a UTF-8 "
-                                                        "text file of your own (default persuasion, held out)")
+    s.add_argument("--text", default="persuasion", help="built-in text (e.g. persuasion, code-heldout, de-fortunes) "
+                                                        "or a UTF-8 text file of your own (default persuasion, held "
+                                                        "out); several, comma-separated, or 'multilingual' (every "
+                                                        "held-out language and programming language) for a table "
+                                                        "of one row per text")
     s.add_argument("--chat", action="store_true", help="wrap consecutive paragraphs in the model's chat template, "
                                                        "alternating user and assistant, and measure on that")
     s.add_argument("--probes", type=_int_list, help="comma-separated probe counts (default: around the index's default)")
     s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
     s.add_argument("--stage1", choices=["int8", "int4", "float"], help="centroid precision (default: the index's)")
-    s.add_argument("--positions", type=int, default=4096, help="teacher-forced positions (default 4096)")
-    s.add_argument("--prompts", type=int, default=100, help="greedy continuations (default 100)")
+    s.add_argument("--positions", type=int, help="teacher-forced positions (default 4096; 2048 per text of a table)")
+    s.add_argument("--prompts", type=int, help="greedy continuations (default 100; none for a table)")
     s.add_argument("--new-tokens", type=int, default=64, help="tokens per continuation (default 64)")
     s.add_argument("--json", action="store_true", help="print every figure as JSON")
     s.add_argument("--plot", metavar="FILE", help="write a PNG of agreement and bytes against probes")

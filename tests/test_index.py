@@ -200,3 +200,22 @@ def test_rows_cap_holds_only_where_the_calibration_texts_reach_the_target():
         assert d.n_probes == (defaults["probes_max_in_rows"] if capped else
                               min(d.num_clusters, defaults["probes_max_in_bytes"]))
         assert ("not capped" in defaults["rule"]) != capped
+
+
+def test_shrinkage_mixes_the_geometry_with_its_scaled_identity():
+    w, h = _head(), _states()
+    plain = build_index(w, 8, hidden_states=h, progress=False)
+    assert torch.equal(build_index(w, 8, hidden_states=h, shrinkage=0.0, progress=False).slot_token, plain.slot_token)
+    # shrinkage 1 is the identity geometry: the same partition as states whose E[h h^T] is a multiple of I
+    iso = torch.eye(24).repeat(3, 1) * 5.0
+    full = build_index(w, 8, hidden_states=h, shrinkage=1.0, progress=False)
+    assert torch.equal(full.slot_token, build_index(w, 8, hidden_states=iso, progress=False).slot_token)
+    assert not torch.equal(full.slot_token, plain.slot_token)
+    assert "shrunk by 1 towards I" in full.config.build["geometry"]
+    rows = build_index(w, 8, hidden_states=h, shrinkage=1.0, shrink_to="rows", progress=False)
+    assert torch.equal(rows.slot_token, build_index(w, 8, hidden_states=w, progress=False).slot_token)  # E[w w^T]
+    for bad in (-0.1, 1.5, True, "0.2"):
+        with pytest.raises(ValueError, match="shrinkage must be a number from 0"):
+            build_index(w, 8, hidden_states=h, shrinkage=bad, progress=False)
+    with pytest.raises(ValueError, match="shrink_to must be 'identity' or 'rows'"):
+        build_index(w, 8, hidden_states=h, shrinkage=0.5, shrink_to="sphere", progress=False)

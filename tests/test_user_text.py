@@ -9,6 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashhead import data
 from flashhead.cli import main
@@ -95,3 +96,70 @@ def test_eval_on_a_user_file_with_chat(tmp_path, capsys, smol_index):
     out = json.loads(capsys.readouterr().out)
     assert out["chat"] is True and out["text"] == str(path) and out["positions"] == 128
     assert 0 <= out["settings"][0]["agreement"] <= 1
+
+
+def test_build_calibrates_on_a_users_file(tmp_path, smollm2):
+    from flashhead.integrations.transformers import calibration_sets, calibration_states
+
+    model, tok = smollm2
+    text = data.load_text("de-fortunes")[:8_000]
+    path = tmp_path / "domain.txt"
+    path.write_text(text, encoding="utf-8")
+    [mine] = calibration_sets(model, tok, [str(path)], positions=256)
+    assert torch.equal(mine, calibration_states(model, tok, text, 256))  # the file's own states
+    [mixed, other] = calibration_sets(model, tok, [f"{path}+emma", "persuasion"], positions=256)
+    assert mixed.shape[0] == 256 and other.shape[0] == 128
+    with pytest.raises(ValueError, match=r"calibration text '.*domain.txt' gives \d+ positions, fewer than the "
+                                         r"4096 asked of it; give a longer text or fewer positions"):
+        calibration_sets(model, tok, [str(path)], positions=4096)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "unknown text .*mine.txt: neither a built-in text"),
+    (b"", "is empty"),
+    (b"caf\xe9 au lait", "is not UTF-8"),
+])
+def test_build_names_a_bad_calibration_file_before_loading_the_model(tmp_path, capsys, content, message):
+    path = tmp_path / "mine.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main(["build", "smollm2-135m", "--out", str(tmp_path / "idx"), "--calibration", f"prideprejudice,{path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, err) and not (tmp_path / "idx").exists()
+
+
+def test_eval_reports_one_row_per_language(capsys):
+    code = main(["eval", "smollm2-135m", "--text", "ru-fortunes,el-help", "--positions", "128", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["texts"]) == ["ru-fortunes", "el-help"] and out["positions"] == 128
+    ru, el = out["texts"]["ru-fortunes"], out["texts"]["el-help"]
+    assert (ru["language"], ru["script"], el["script"]) == ("ru", "Cyrillic", "Greek")
+    assert not el["calibrated_language"]  # the default calibration has no Greek
+    [row] = ru["report"]["settings"]
+    assert row["n_probes"] == ru["report"]["default_n_probes"] and 0 <= row["agreement"] <= 1
+    assert row["continuation_identical_fraction"] is None  # a table measures no continuations unless asked
+
+
+class _LossyTokenizer:
+    """Encodes ASCII only: every other character comes back as nothing (an unknown-token piece)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [ord(c) if ord(c) < 128 else 0 for c in text]})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i)
+
+
+def test_a_script_the_tokenizer_cannot_encode_is_an_error(monkeypatch, capsys):
+    from flashhead import evaluate as ev
+
+    assert ev.encoding_loss(_LossyTokenizer(), "plain ascii") == 0.0
+    assert ev.encoding_loss(_LossyTokenizer(), "ab" + "ภาษา" * 2) == pytest.approx(8 / 10)
+    monkeypatch.setattr(ev, "encoding_loss", lambda tok, text: 0.9 if any("\u0e00" <= c <= "\u0e7f" for c in text[:500])
+                        else 0.0)
+    assert main(["eval", "smollm2-135m", "--text", "th-tutorial,emma", "--positions", "128"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar: one line
+    assert "cannot encode th-tutorial (Thai, 90% of its characters lost)" in err and "emma" not in err

@@ -101,18 +101,32 @@ def _listed(x, single: type) -> list:
 
 def calibration_sets(model, tokenizer, texts: str | Sequence[str] = DEFAULT_CALIBRATION_TEXTS,
                      positions: int = 4096) -> list[torch.Tensor]:
-    """The calibration hidden states of :func:`build_for_model`, one tensor per built-in text:
-    ``positions`` of the first text, half as many of each other one. A name ``a+b`` mixes texts: its
-    positions are shared equally between them, and their states are concatenated."""
-    from ..data import load_text
+    """The calibration hidden states of :func:`build_for_model`, one tensor per text (a built-in name or a
+    UTF-8 file): ``positions`` of the first text, half as many of each other one. A name ``a+b`` mixes
+    texts: its positions are shared equally between them (a group such as ``multilingual-tune`` counts each of
+    its texts, data.calibration_groups), and their states are concatenated. A text too short for its share is
+    an error (its name, its length, what to do)."""
+    from ..data import calibration_parts, text_or_file
 
     names = _listed(texts, str)
     if not names or positions < 2:
         raise ValueError(f"need at least one calibration text and 2 positions, got {names} and {positions}")
 
+    def one(name: str, n: int) -> torch.Tensor:
+        try:
+            h = calibration_states(model, tokenizer, text_or_file(name), n)
+        except ValueError as e:
+            if "too short" not in str(e):
+                raise
+            h = torch.empty(0)
+        if h.shape[0] < n:
+            raise ValueError(f"calibration text {name!r} gives {h.shape[0]} positions, fewer than the {n} asked of it; "
+                             "give a longer text or fewer positions (--positions)")
+        return h
+
     def states(name: str, n: int) -> torch.Tensor:
-        parts = name.split("+")
-        return torch.cat([calibration_states(model, tokenizer, load_text(t), n // len(parts)) for t in parts])
+        parts = calibration_parts(name)
+        return torch.cat([one(t, n // len(parts)) for t in parts])
 
     return [states(n, positions if i == 0 else positions // 2) for i, n in enumerate(names)]
 
@@ -130,7 +144,7 @@ def eos_ids(model, tokenizer) -> list[int]:
 def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
                     calibration_texts: str | Sequence[str] | None = DEFAULT_CALIBRATION_TEXTS,
                     calibration_positions: int = 4096, seed: int = 0, iters: int = 10, n_probes: int | None = None,
-                    model_name: str = "", progress: bool = True,
+                    model_name: str = "", progress: bool = True, shrinkage: float = 0.0, shrink_to: str = "identity",
                     hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None) -> FlashHeadIndex:
     """Build a FlashHead index for a transformers causal LM.
 
@@ -138,7 +152,8 @@ def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
     :func:`calibration_sets`; None for the spherical geometry without calibration): the first text's
     set the clustering geometry and the always-scored frequent tokens; the build records the probes
     each text's states need for the containment target. The built-in texts work offline for any model.
-    ``hidden_states``: those sets (or the first one), when already computed.
+    ``hidden_states``: those sets (or the first one), when already computed; ``shrinkage``, ``shrink_to``:
+    see :func:`flashhead.index.build_index`.
     """
     weight = head_weight(model)
     sets, calibration = [], None
@@ -150,7 +165,8 @@ def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
     return build_index(weight, cluster_size, hidden_states=sets[0] if sets else None, validation_states=sets[1:],
                        num_tokens=min(len(tokenizer), weight.shape[0]),
                        n_probes=n_probes, always_ids=eos_ids(model, tokenizer), iters=iters, seed=seed,
-                       model_name=model_name, calibration=calibration, progress=progress)
+                       model_name=model_name, calibration=calibration, shrinkage=shrinkage,
+                       shrink_to=shrink_to, progress=progress)
 
 
 def _tied(model) -> bool:

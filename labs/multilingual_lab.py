@@ -1,0 +1,143 @@
+"""Lab (not part of the library): FlashHead's fidelity on held-out languages, code and registers, per index variant.
+
+    python labs/multilingual_lab.py gemma3-270m [--variants default broad broad:0.1] [--positions 2048]
+                                    [--json out.json]
+
+A variant is ``CALIBRATION[:SHRINKAGE]``: ``default`` calibrates as the library's default build does
+(data.DEFAULT_CALIBRATION_TEXTS); ``broad`` adds 512 positions of each text of corpora.MULTILINGUAL_CALIBRATION
+to the first set (so they shape the geometry and the always-scored frequent tokens), ``samples`` 4,096 positions
+of text the model samples itself from its start token, ``broad+samples`` both, ``mix`` Python code, Pride and
+Prejudice and every multilingual calibration text as equal parts (512 positions each); ``SHRINKAGE`` (e.g. ``0.2``, or ``0.2r`` towards the rows' W^T W / V) mixes S with
+its scaled identity (build_index's ``shrinkage``). Each index gets the default probe rule (the byte budget), is
+applied to the model as a user applies it (int8/int4 stage 1, Q8_0 rows), and is measured on ``--positions``
+teacher-forced positions of every held-out text: greedy agreement with the dense head, next-token accuracy
+(dense and FlashHead) and TV at T = 1 on 256 positions. Hidden states of the held-out texts are cached under
+the flashhead cache (``lab-states``), so a second run only builds and measures. docs/fidelity.md cites it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from flashhead._io import atomic_write_bytes, cache_dir
+from flashhead.corpora import MULTILINGUAL_CALIBRATION, MULTILINGUAL_HELD_OUT, describe
+from flashhead.data import DEFAULT_CALIBRATION_TEXTS, load_text
+from flashhead.evaluate import _sampling_divergence
+from flashhead.integrations.transformers import (apply, build_for_model, calibration_sets, calibration_states,
+                                                 dense_logits, flashhead_of, remove, text_states)
+from flashhead.models import load_model
+
+#: the English and Python held-out texts the earlier figures are on (must not regress)
+BASELINE_HELD_OUT = ("emma", "code-heldout")
+TV_POSITIONS = 256
+#: ``mix``: Python code, Pride and Prejudice and every multilingual calibration text as equal parts of the first
+#: set, 512 positions each (then 3,072 positions of Sense and Sensibility)
+MIX = ["+".join(["code-tune", "prideprejudice", *MULTILINGUAL_CALIBRATION]), "sensesensibility"]
+MIX_POSITIONS = 512 * (2 + len(MULTILINGUAL_CALIBRATION))
+
+
+def held_out_states(model, tok, model_name: str, name: str, positions: int) -> dict:
+    """States, dense argmax and true next tokens of ``positions`` positions of a held-out text (cached)."""
+    path = cache_dir() / "lab-states" / model_name / f"{name}-{positions}.pt"
+    if path.is_file():
+        return torch.load(path)
+    h, target = text_states(model, tok, load_text(name), positions)
+    with torch.inference_mode():
+        top = torch.cat([dense_logits(model, h[a:a + 256]).argmax(-1) for a in range(0, len(h), 256)])
+    out = {"h": h, "target": target, "top": top}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return out
+
+
+def own_samples(model, tok, n: int = 16, length: int = 256, seed: int = 0) -> torch.Tensor:
+    """Hidden states of ``n`` texts the model writes itself from its start token (T = 1, no top-k/top-p)."""
+    torch.manual_seed(seed)
+    start = torch.tensor([tok("", add_special_tokens=True).input_ids or [tok.bos_token_id]] * n)
+    with torch.inference_mode():
+        out = model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=length, min_new_tokens=length,
+                             pad_token_id=model.generation_config.pad_token_id or 0)
+        h = model.base_model(input_ids=out).last_hidden_state[:, start.shape[1]:]
+    return h.float().flatten(0, 1)
+
+
+def measure(model, states: dict) -> dict:
+    """Agreement, accuracy and TV of the applied FlashHead on one text's states."""
+    head = flashhead_of(model)
+    h, top, target = states["h"], states["top"], states["target"]
+    with torch.inference_mode():
+        got = torch.cat([head.greedy(h[a:a + 256]) for a in range(0, len(h), 256)])
+        tv = _sampling_divergence(head, h[:TV_POSITIONS], dense_logits(model, h[:TV_POSITIONS]), 1.0)["tv"]
+    return {"agreement": float((got == top).float().mean()), "acc_dense": float((top == target).float().mean()),
+            "acc_flash": float((got == target).float().mean()), "tv1": tv, "positions": len(h)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--variants", nargs="+", default=["default", "broad"])
+    ap.add_argument("--positions", type=int, default=2048, help="teacher-forced positions per held-out text")
+    ap.add_argument("--texts", nargs="+", default=[*MULTILINGUAL_HELD_OUT, *BASELINE_HELD_OUT])
+    ap.add_argument("--probes", type=int, help="measure every variant at this probe count (default: each index's "
+                                               "own default; a fair comparison holds the bytes per step fixed)")
+    ap.add_argument("--json", help="write the figures here as JSON")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    model, tok = load_model(a.model, verbose=False)
+    t0 = time.perf_counter()
+    texts = {name: held_out_states(model, tok, a.model, name, a.positions) for name in a.texts}
+    print(f"held-out states: {len(texts)} texts in {time.perf_counter() - t0:.0f} s", flush=True)
+    with torch.inference_mode():
+        default_sets = calibration_sets(model, tok, DEFAULT_CALIBRATION_TEXTS)
+        extra = {"default": None,
+                 "broad": torch.cat([calibration_states(model, tok, load_text(n), 512) for n in MULTILINGUAL_CALIBRATION])}
+        if any(v.startswith("mix") for v in a.variants):  # every text an equal part of the first set
+            extra["mix"] = None
+            mix_sets = calibration_sets(model, tok, MIX, positions=MIX_POSITIONS)
+        if any(v.startswith("samples") or "+samples" in v for v in a.variants):
+            extra["samples"] = own_samples(model, tok)
+    report = {"model": a.model, "positions": a.positions, "texts": {n: describe(n) for n in a.texts}, "variants": {}}
+    for variant in a.variants:
+        calib, _, shrink = variant.partition(":")
+        shrink, to_rows = shrink.removesuffix("r"), shrink.endswith("r")
+        parts = calib.split("+")
+        if any(p not in extra for p in parts):
+            raise SystemExit(f"unknown variant {variant!r}: give default, broad, samples, broad+samples or mix, "
+                             "optionally with :SHRINKAGE")
+        added = [extra[p] for p in parts if extra[p] is not None]
+        sets = [torch.cat([(mix_sets if "mix" in parts else default_sets)[0], *added]),
+                *(mix_sets if "mix" in parts else default_sets)[1:]]
+        t1 = time.perf_counter()
+        index = build_for_model(model, tok, calibration_texts=list(DEFAULT_CALIBRATION_TEXTS), hidden_states=sets,
+                                shrinkage=float(shrink or 0), shrink_to="rows" if to_rows else "identity",
+                                progress=False)
+        index.save(cache_dir() / "lab-index" / a.model / variant.replace(":", "-"))  # kept for analysis
+        apply(model, index, n_probes=a.probes)
+        head = flashhead_of(model)
+        share = head.nbytes_per_step(head.n_probes) / (head.out_features * head.rows.shape[-1] * 4)  # of dense fp32
+        rows = {n: measure(model, s) for n, s in texts.items()}
+        remove(model)
+        report["variants"][variant] = {"n_probes": head.n_probes, "default_n_probes": index.config.n_probes,
+                                       "bytes_share": share, "texts": rows,
+                                       "build_s": round(time.perf_counter() - t1, 1)}
+        worst = min(rows, key=lambda n: rows[n]["agreement"])
+        print(f"\n{a.model} {variant}: p = {head.n_probes} (its default {index.config.n_probes}), "
+              f"{100 * share:.2f}% of the dense bytes, worst {worst} "
+              f"{100 * rows[worst]['agreement']:.2f}%", flush=True)
+        for n, r in rows.items():
+            print(f"  {n:24s} agree {100 * r['agreement']:6.2f}%  acc {100 * r['acc_dense']:5.2f} -> "
+                  f"{100 * r['acc_flash']:5.2f}  TV1 {r['tv1']:.4f}", flush=True)
+    if a.json:
+        atomic_write_bytes(a.json, json.dumps(report, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
