@@ -757,8 +757,8 @@ def test_decode_generate_checks_sampling_arguments_before_the_model_runs(kwargs,
 
 
 def test_cli_build_calibration_texts_are_checked_at_parse_time(capsys):
-    """`flashhead build --calibration` takes comma-separated built-in texts or 'none', and names the unknown one
-    before any model loads."""
+    """`flashhead build --calibration` takes comma-separated built-in texts (or files) or 'none', and names the
+    unknown one before any model loads."""
     from flashhead.cli import build_parser
 
     parse = build_parser().parse_args
@@ -768,7 +768,7 @@ def test_cli_build_calibration_texts_are_checked_at_parse_time(capsys):
     assert parse(["build", "smollm2-135m", "--calibration", "none"]).calibration == ["none"]
     with pytest.raises(SystemExit):
         parse(["build", "smollm2-135m", "--calibration", "emma,foo"])
-    assert "unknown text foo; choose from prideprejudice" in capsys.readouterr().err
+    assert "unknown text foo: neither a built-in text (prideprejudice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["build", "smollm2-135m", "--calibration", "emma+bar"])
-    assert "unknown text bar; choose from" in capsys.readouterr().err
+    assert "unknown text bar: neither a built-in text" in capsys.readouterr().err
