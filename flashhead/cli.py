@@ -224,7 +224,7 @@ def _eval_report(args: argparse.Namespace, names: list[str]) -> int:
                          "leave those texts out of --text")
     index = index_for(args.model, model, tok, args.index, progress=not args.json)
     calibrated = {corpora.describe_or_file(t)["language"] for n in (index.config.build.get("calibration") or {})
-                  .get("texts", []) for t in n.split("+")}
+                  .get("texts", []) for t in data.calibration_parts(n)}
     config = EvalConfig(positions=args.positions or 2048, prompts=args.prompts or 0, new_tokens=args.new_tokens)
     probes = args.probes or [index.config.n_probes]
     rows = {}
@@ -318,7 +318,7 @@ def _text_list(text: str) -> list[str]:
 
 
 def _add_build_args(s: argparse.ArgumentParser) -> None:
-    from .data import DEFAULT_CALIBRATION_TEXTS
+    from .data import DEFAULT_CALIBRATION_POSITIONS, DEFAULT_CALIBRATION_TEXTS
 
     s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 2 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
@@ -330,8 +330,9 @@ def _add_build_args(s: argparse.ArgumentParser) -> None:
                         "always-scored tokens, and the build reports the probes each needs; or 'none' for "
                         "spherical clustering of raw rows "
                         f"(default {','.join(DEFAULT_CALIBRATION_TEXTS)})")
-    s.add_argument("--positions", type=int, default=4096, help="calibration positions of the first text, half as many "
-                                                               "of each other one (default 4096)")
+    s.add_argument("--positions", type=int, default=DEFAULT_CALIBRATION_POSITIONS,
+                   help="calibration positions of the first text, half as many of each other one (default "
+                        f"{DEFAULT_CALIBRATION_POSITIONS})")
 
 
 def build_parser() -> argparse.ArgumentParser:

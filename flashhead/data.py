@@ -34,11 +34,15 @@ from ._io import atomic_dir, atomic_write_bytes, cache_dir
 AUSTEN_BOOKS = ("prideprejudice", "sensesensibility", "emma", "persuasion", "mansfieldpark", "northangerabbey")
 TUNING_TEXTS = ("prideprejudice", "sensesensibility", "brown")
 HELD_OUT_TEXTS = ("emma", "persuasion", "mansfieldpark", "northangerabbey")
-#: the texts every index is calibrated on by default: the first (Python code and a novel, half the positions
-#: each: prose alone left held-out code's argmax outside the probed clusters at 2% of positions on
-#: Qwen2.5-Coder, docs/fidelity.md) sets the clustering geometry and the always-scored tokens; the build
-#: records the probes each needs for the containment target (see flashhead.index)
-DEFAULT_CALIBRATION_TEXTS = ("code-tune+prideprejudice", "sensesensibility")
+#: the texts every index is calibrated on by default: the first sets the clustering geometry and the
+#: always-scored tokens, as equal parts: Python code, a novel and the ten multilingual calibration texts
+#: (man pages in six languages, a Chinese FAQ, C, JavaScript, Rust; prose alone left held-out code's argmax
+#: outside the probed clusters at 2% of positions on Qwen2.5-Coder, English and code alone left 2-16% of
+#: Gemma-3's tokens in other languages, docs/fidelity.md); the build records the probes each set needs for
+#: the containment target (see flashhead.index)
+DEFAULT_CALIBRATION_TEXTS = ("code-tune+prideprejudice+multilingual-tune", "sensesensibility")
+#: positions of the first calibration set (512 for each of its 12 texts), half as many of the second
+DEFAULT_CALIBRATION_POSITIONS = 6144
 # Brown corpus genres: file names are c<letter><nn>.
 BROWN_CATEGORIES = {
     "news": "a", "editorial": "b", "reviews": "c", "religion": "d", "hobbies": "e", "lore": "f",

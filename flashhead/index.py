@@ -41,9 +41,11 @@ from .validate import read_assets
 #: probes filling the byte budget; 3: Q8_0 heads are recorded (stage 2 reads int8 rows) and the probes
 #: are also capped at DEFAULT_ROWS_BUDGET; 4: that rows cap holds only where the calibration texts reach
 #: DEFAULT_CONTAINMENT within it (else the byte budget's probes), and the first calibration set mixes Python
-#: code and prose (data.DEFAULT_CALIBRATION_TEXTS). Cached indexes are kept per revision, so new defaults
-#: build anew.
-DEFAULTS_REVISION = 4
+#: code and prose (data.DEFAULT_CALIBRATION_TEXTS); 5: the first set is Python code, a novel and the ten
+#: multilingual calibration texts (man pages in six languages, a Chinese FAQ, C, JavaScript, Rust), 512
+#: positions each. Cached
+#: indexes are kept per revision, so new defaults build anew.
+DEFAULTS_REVISION = 5
 
 
 def fingerprint(weight: torch.Tensor) -> str:

@@ -1,18 +1,21 @@
 """Lab (not part of the library): FlashHead's fidelity on held-out languages, code and registers, per index variant.
 
-    python labs/multilingual_lab.py gemma3-270m [--variants default broad broad:0.1] [--positions 2048]
-                                    [--json out.json]
+    python labs/multilingual_lab.py gemma3-270m [--variants default mix broad:0.1] [--positions 2048]
+                                    [--probes P] [--json out.json]
+    python labs/multilingual_lab.py table out.json [more.json ...]      # one markdown table
 
-A variant is ``CALIBRATION[:SHRINKAGE]``: ``default`` calibrates as the library's default build does
-(data.DEFAULT_CALIBRATION_TEXTS); ``broad`` adds 512 positions of each text of corpora.MULTILINGUAL_CALIBRATION
-to the first set (so they shape the geometry and the always-scored frequent tokens), ``samples`` 4,096 positions
-of text the model samples itself from its start token, ``broad+samples`` both, ``mix`` Python code, Pride and
-Prejudice and every multilingual calibration text as equal parts (512 positions each); ``SHRINKAGE`` (e.g. ``0.2``, or ``0.2r`` towards the rows' W^T W / V) mixes S with
-its scaled identity (build_index's ``shrinkage``). Each index gets the default probe rule (the byte budget), is
-applied to the model as a user applies it (int8/int4 stage 1, Q8_0 rows), and is measured on ``--positions``
-teacher-forced positions of every held-out text: greedy agreement with the dense head, next-token accuracy
-(dense and FlashHead) and TV at T = 1 on 256 positions. Hidden states of the held-out texts are cached under
-the flashhead cache (``lab-states``), so a second run only builds and measures. docs/fidelity.md cites it.
+A variant is ``CALIBRATION[:SHRINKAGE]``. CALIBRATION: ``default``, as defaults revision 4 did (Python code
+and Pride and Prejudice, then Sense and Sensibility); ``broad``, that plus 512 positions of each text of
+corpora.MULTILINGUAL_CALIBRATION in the first set (so they shape the geometry and the always-scored frequent
+tokens); ``samples``, that plus 4,096 positions of text the model samples itself from its start token;
+``broad+samples``; ``mix``, Python code, Pride and Prejudice and every multilingual calibration text as equal
+parts, 512 positions each (defaults revision 5). SHRINKAGE (e.g. ``0.2``, or ``0.2r``) mixes S with its scaled
+identity, or with the rows' W^T W / V (build_index's ``shrinkage`` and ``shrink_to``). Each index is applied to
+the model as a user applies it (int8/int4 stage 1, Q8_0 rows), at its default probes or at ``--probes`` (the
+fair comparison: same bytes per step), and measured on ``--positions`` teacher-forced positions of every
+held-out text: greedy agreement with the dense head, next-token accuracy (dense and FlashHead) and TV at T = 1
+on 256 positions. Hidden states of the held-out texts are cached under the flashhead cache (``lab-states``),
+the indexes under ``lab-index``, so a second run only builds and measures. docs/fidelity.md cites it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from flashhead._io import atomic_write_bytes, cache_dir
 from flashhead.corpora import MULTILINGUAL_CALIBRATION, MULTILINGUAL_HELD_OUT, describe
-from flashhead.data import DEFAULT_CALIBRATION_TEXTS, load_text
+from flashhead.data import load_text
 from flashhead.evaluate import _sampling_divergence
 from flashhead.integrations.transformers import (apply, build_for_model, calibration_sets, calibration_states,
                                                  dense_logits, flashhead_of, remove, text_states)
@@ -34,6 +37,9 @@ from flashhead.models import load_model
 #: the English and Python held-out texts the earlier figures are on (must not regress)
 BASELINE_HELD_OUT = ("emma", "code-heldout")
 TV_POSITIONS = 256
+#: ``default``: the calibration of defaults revision 4 (Python code + Pride and Prejudice, 4,096 positions, then
+#: 2,048 of Sense and Sensibility)
+REVISION4 = ["code-tune+prideprejudice", "sensesensibility"]
 #: ``mix``: Python code, Pride and Prejudice and every multilingual calibration text as equal parts of the first
 #: set, 512 positions each (then 3,072 positions of Sense and Sensibility)
 MIX = ["+".join(["code-tune", "prideprejudice", *MULTILINGUAL_CALIBRATION]), "sensesensibility"]
@@ -79,23 +85,43 @@ def measure(model, states: dict) -> dict:
             "acc_flash": float((got == target).float().mean()), "tv1": tv, "positions": len(h)}
 
 
+def table(paths: list[str]) -> str:
+    """A markdown table of runs written with --json: agreement % / accuracy change / TV at T = 1 per variant."""
+    runs = [json.loads(open(p).read()) for p in paths]
+    cols = [(r["model"], v, d) for r in runs for v, d in r["variants"].items()]
+    calibrated = {describe(n)["language"] for n in MULTILINGUAL_CALIBRATION} | {"en", "Python"}
+    lines = ["| text | language | script | register | language in calibration (rev. 5) | "
+             + " | ".join(f"{m} {v} (p = {d['n_probes']})" for m, v, d in cols) + " |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---:" for _ in cols) + " |"]
+    for name, about in runs[0]["texts"].items():
+        cells = [f"{100 * t['agreement']:.2f} / {100 * (t['acc_flash'] - t['acc_dense']):+.2f} / {t['tv1']:.3f}"
+                 for t in (d["texts"][name] for _, _, d in cols)]
+        lines.append(f"| {name} | {about['language']} | {about['script']} | {about['register']} | "
+                     f"{'yes' if about['language'] in calibrated else '**no**'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
+    ap.add_argument("model", help="built-in model name, or 'table' to print runs' --json files as one markdown table")
     ap.add_argument("--variants", nargs="+", default=["default", "broad"])
     ap.add_argument("--positions", type=int, default=2048, help="teacher-forced positions per held-out text")
     ap.add_argument("--texts", nargs="+", default=[*MULTILINGUAL_HELD_OUT, *BASELINE_HELD_OUT])
     ap.add_argument("--probes", type=int, help="measure every variant at this probe count (default: each index's "
                                                "own default; a fair comparison holds the bytes per step fixed)")
     ap.add_argument("--json", help="write the figures here as JSON")
+    ap.add_argument("files", nargs="*", help="with 'table': the --json files")
     a = ap.parse_args()
+    if a.model == "table":
+        print(table(a.files))
+        return 0
     torch.set_num_threads(2)
     model, tok = load_model(a.model, verbose=False)
     t0 = time.perf_counter()
     texts = {name: held_out_states(model, tok, a.model, name, a.positions) for name in a.texts}
     print(f"held-out states: {len(texts)} texts in {time.perf_counter() - t0:.0f} s", flush=True)
     with torch.inference_mode():
-        default_sets = calibration_sets(model, tok, DEFAULT_CALIBRATION_TEXTS)
+        default_sets = calibration_sets(model, tok, REVISION4, positions=4096)
         extra = {"default": None,
                  "broad": torch.cat([calibration_states(model, tok, load_text(n), 512) for n in MULTILINGUAL_CALIBRATION])}
         if any(v.startswith("mix") for v in a.variants):  # every text an equal part of the first set
@@ -115,7 +141,8 @@ def main() -> int:
         sets = [torch.cat([(mix_sets if "mix" in parts else default_sets)[0], *added]),
                 *(mix_sets if "mix" in parts else default_sets)[1:]]
         t1 = time.perf_counter()
-        index = build_for_model(model, tok, calibration_texts=list(DEFAULT_CALIBRATION_TEXTS), hidden_states=sets,
+        index = build_for_model(model, tok, calibration_texts=MIX if "mix" in parts else REVISION4,
+                                hidden_states=sets,
                                 shrinkage=float(shrink or 0), shrink_to="rows" if to_rows else "identity",
                                 progress=False)
         index.save(cache_dir() / "lab-index" / a.model / variant.replace(":", "-"))  # kept for analysis

@@ -196,8 +196,8 @@ def test_save_and_load_keep_the_assets(patched, tmp_path):
 
 
 def test_calibration_sets_one_per_text(smollm2):
-    """The default build calibrates on two sets: all positions of the first (code and a novel, half each), half as
-    many of the second (a novel)."""
+    """The default build calibrates on two sets: all positions of the first (code, a novel and the multilingual
+    calibration texts, equal parts), half as many of the second (a novel)."""
     from flashhead.data import DEFAULT_CALIBRATION_TEXTS
     from flashhead.integrations.transformers import calibration_sets
 

@@ -762,7 +762,8 @@ def test_cli_build_calibration_texts_are_checked_at_parse_time(capsys):
     from flashhead.cli import build_parser
 
     parse = build_parser().parse_args
-    assert parse(["build", "smollm2-135m"]).calibration == ["code-tune+prideprejudice", "sensesensibility"]
+    assert parse(["build", "smollm2-135m"]).calibration == ["code-tune+prideprejudice+multilingual-tune",
+                                                          "sensesensibility"]
     assert parse(["build", "x", "--calibration", "code-tune+emma,brown"]).calibration == ["code-tune+emma", "brown"]
     assert parse(["build", "smollm2-135m", "--calibration", "brown, emma"]).calibration == ["brown", "emma"]
     assert parse(["build", "smollm2-135m", "--calibration", "none"]).calibration == ["none"]

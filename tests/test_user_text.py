@@ -137,7 +137,7 @@ def test_eval_reports_one_row_per_language(capsys):
     assert list(out["texts"]) == ["ru-fortunes", "el-help"] and out["positions"] == 128
     ru, el = out["texts"]["ru-fortunes"], out["texts"]["el-help"]
     assert (ru["language"], ru["script"], el["script"]) == ("ru", "Cyrillic", "Greek")
-    assert not el["calibrated_language"]  # the default calibration has no Greek
+    assert not el["calibrated_language"] and ru["calibrated_language"]  # Russian man pages, no Greek text
     [row] = ru["report"]["settings"]
     assert row["n_probes"] == ru["report"]["default_n_probes"] and 0 <= row["agreement"] <= 1
     assert row["continuation_identical_fraction"] is None  # a table measures no continuations unless asked

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import DEFAULT_CALIBRATION_TEXTS
+from ..data import DEFAULT_CALIBRATION_POSITIONS, DEFAULT_CALIBRATION_TEXTS
 from ..head import FlashHead, q8_0_dequantize, q8_0_rows
 from ..index import DEFAULTS_REVISION, FORMAT_VERSION, FlashHeadIndex, build_index, check_save_target
 from ..models import head_weight
@@ -100,7 +100,7 @@ def _listed(x, single: type) -> list:
 
 
 def calibration_sets(model, tokenizer, texts: str | Sequence[str] = DEFAULT_CALIBRATION_TEXTS,
-                     positions: int = 4096) -> list[torch.Tensor]:
+                     positions: int = DEFAULT_CALIBRATION_POSITIONS) -> list[torch.Tensor]:
     """The calibration hidden states of :func:`build_for_model`, one tensor per text (a built-in name or a
     UTF-8 file): ``positions`` of the first text, half as many of each other one. A name ``a+b`` mixes
     texts: its positions are shared equally between them (a group such as ``multilingual-tune`` counts each of
@@ -143,7 +143,7 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
                     calibration_texts: str | Sequence[str] | None = DEFAULT_CALIBRATION_TEXTS,
-                    calibration_positions: int = 4096, seed: int = 0, iters: int = 10, n_probes: int | None = None,
+                    calibration_positions: int = DEFAULT_CALIBRATION_POSITIONS, seed: int = 0, iters: int = 10, n_probes: int | None = None,
                     model_name: str = "", progress: bool = True, shrinkage: float = 0.0, shrink_to: str = "identity",
                     hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None) -> FlashHeadIndex:
     """Build a FlashHead index for a transformers causal LM.
