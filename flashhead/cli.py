@@ -37,7 +37,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     data.fetch_sources()
     for name in data.text_names():
         data.load_text(name)
-    print(f"texts ready: {', '.join(data.AUSTEN_BOOKS)}, brown")
+    print(f"texts ready: {len(data.text_names())} ({', '.join(data.AUSTEN_BOOKS)}, brown, code, and the multilingual "
+          "texts of flashhead/corpora.py)")
     print(f"Qwen3 tokenizer ready: {data.qwen3_tokenizer_dir()}")
     for name in args.models:
         _models.local_dir(name)
