@@ -115,10 +115,8 @@ def calibration_sets(model, tokenizer, texts: str | Sequence[str] = DEFAULT_CALI
     def one(name: str, n: int) -> torch.Tensor:
         try:
             h = calibration_states(model, tokenizer, text_or_file(name), n)
-        except ValueError as e:
-            if "too short" not in str(e):
-                raise
-            h = torch.empty(0)
+        except ValueError as e:  # e.g. too short for one window: say which text
+            raise ValueError(f"calibration text {name!r}: {e}; give a longer text") from None
         if h.shape[0] < n:
             raise ValueError(f"calibration text {name!r} gives {h.shape[0]} positions, fewer than the {n} asked of it; "
                              "give a longer text or fewer positions (--positions)")
