@@ -416,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.configure_parser(s)
 
+    s = sub.add_parser("lm-eval", add_help=False,
+                       help="lm-evaluation-harness with the model type `flashhead` registered: lm-eval's own flags, "
+                            "e.g. --model flashhead --model_args pretrained=gemma3-270m --tasks arc_easy "
+                            "(flashhead lm-eval --help: lm-eval's help)")
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_lm_eval)
+
     s = sub.add_parser("demo", help="dense vs FlashHead on a few prompts: continuations, identical tokens, tokens/s "
                                     "(the README's main command)")
     s.add_argument("--model", default=_models.DEFAULT_MODEL, help=f"{model_help} (default {_models.DEFAULT_MODEL})")
@@ -423,6 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     s.set_defaults(func=_cmd_demo)
     return p
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from .integrations import lm_eval
+    except ImportError as e:
+        raise RuntimeError(f"lm-eval is not installed ({e}); install it with `pip install 'flashhead[eval]'`") from None
+    sys.argv = ["lm_eval", *args.args]
+    lm_eval.main()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

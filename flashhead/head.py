@@ -248,6 +248,13 @@ class FlashHead(torch.nn.Module):
             then reads the int8 rows: ~3.8x fewer bytes than fp32, the same logits up to rounding.
         quantize_activations: with Q8_0 rows, quantize ``h`` to Q8_0 too (:func:`q8_0_quantize`) and
             take int8 x int8 block products as llama.cpp's Q8_0 head does, so as to pick its tokens.
+        padding_rows: rows of the ids that own no slot (they must be the last ``n`` ids, e.g. an embedding's
+            padding), ``[n, d]`` like ``rows``; with ``row_scales``, ``padding_scales`` ``[n, d // 32]`` too.
+            With them the head knows every row of the dense head, so :attr:`exact` can be switched on.
+
+    :attr:`exact` (default False) chooses what ``forward`` returns: False, FlashHead's candidates (decoding);
+    True, the dense head's logits computed from these same rows, bit for bit what the dense ``Linear`` gave
+    (scoring: perplexity, log-likelihoods). ``greedy`` and ``sample`` are FlashHead whatever it says.
     """
 
     def __init__(
@@ -262,6 +269,8 @@ class FlashHead(torch.nn.Module):
         stage1: str = "float",
         row_scales: torch.Tensor | None = None,
         quantize_activations: bool = False,
+        padding_rows: torch.Tensor | None = None,
+        padding_scales: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(rows, torch.Tensor) or rows.dim() != 3:
@@ -370,6 +379,8 @@ class FlashHead(torch.nn.Module):
         self.register_buffer("always_pos", always_slot % cap, persistent=False)
         self.register_buffer("_always_slot", always_slot, persistent=False)  # flat k * cap + j
         self._build_stage1(centroids)
+        self._set_padding(padding_rows, padding_scales)
+        self._exact = False
 
         self._n_probes = 1
         self.n_probes = n_probes
@@ -424,11 +435,35 @@ class FlashHead(torch.nn.Module):
                 self.register_buffer("_int4_packed", packed, persistent=False)
                 self.register_buffer("_int4_sz", sz, persistent=False)
 
+    def _set_padding(self, rows: torch.Tensor | None, scales: torch.Tensor | None) -> None:
+        """Check and keep the rows of the ids without a slot (see the class docstring)."""
+        if rows is None:
+            if scales is not None:
+                raise ValueError("padding_scales given without padding_rows")
+            self.register_buffer("padding_rows", None, persistent=False)
+            self.register_buffer("padding_scales", None, persistent=False)
+            return
+        n = rows.shape[0] if rows.dim() == 2 else -1
+        if n < 0 or rows.shape[1] != self.d or rows.dtype != self.rows.dtype or rows.device != self.rows.device:
+            raise ValueError(f"padding_rows must be [n, d={self.d}] {self.rows.dtype} on {self.rows.device} like the "
+                             f"rows, got {tuple(rows.shape)} {rows.dtype} on {rows.device}")
+        unslotted = (self.token_slot < 0).nonzero().flatten()
+        if not torch.equal(unslotted, torch.arange(self.out_features - n, self.out_features, device=unslotted.device)):
+            raise ValueError(f"padding_rows holds {n} rows but the ids without a slot are not the last {n} ids "
+                             f"({unslotted.numel()} ids own no slot); give one row for each of them, in id order")
+        if (scales is None) != (self.row_scales is None) or (
+                scales is not None and (scales.shape != (n, self.row_scales.shape[-1]) or scales.dtype != self.row_scales.dtype)):
+            raise ValueError("padding_scales must be given exactly when the rows are Q8_0, shaped "
+                             "[n, d // 32] in the dtype of row_scales")
+        self.register_buffer("padding_rows", rows, persistent=False)
+        self.register_buffer("padding_scales", scales, persistent=False)
+
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Keep stage-1 tensors in their dtypes (losslessly) when the module is cast
         (``model.half()``, ``.to(torch.bfloat16)``); device moves apply as usual."""
         keep = {n: b for n, b in self._buffers.items()
-                if n in ("_c_t", "_scale", "_sz", "_mean", "_int4_sz", "row_scales", "_block_l1") and b is not None}
+                if n in ("_c_t", "_scale", "_sz", "_mean", "_int4_sz", "row_scales", "_block_l1", "padding_scales")
+                and b is not None}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
@@ -475,6 +510,22 @@ class FlashHead(torch.nn.Module):
     @temperature.setter
     def temperature(self, value: float | None) -> None:
         self._temperature = None if value is None else self._check_temperature(value)
+
+    @property
+    def exact(self) -> bool:
+        """True: ``forward`` returns the dense head's exact logits (scoring); False: FlashHead's (decoding)."""
+        return self._exact
+
+    @exact.setter
+    def exact(self, value: bool) -> None:
+        if value:
+            self._check_every_row()
+        self._exact = bool(value)
+
+    def _check_every_row(self) -> None:
+        if self.padding_rows is None and bool((self.token_slot < 0).any()):
+            raise ValueError(f"{int((self.token_slot < 0).sum())} ids own no slot and no padding_rows were given, "
+                             "so their dense logits are unknown; build the head with padding_rows")
 
     def extra_repr(self) -> str:
         return (
@@ -778,12 +829,15 @@ class FlashHead(torch.nn.Module):
 
     # ---------------------------------------------------------------- outputs
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-width logits ``[..., out_features]`` float32, ``-inf`` outside the candidates.
+        """Full-width logits ``[..., out_features]`` float32, ``-inf`` outside the candidates; with
+        :attr:`exact` set, the dense head's logits instead (:meth:`dense_logits`).
 
         With ``self.temperature`` set (sampled ``generate()``) the candidates include one tail
         cluster whose shifted logits carry the estimated mass of all unprobed clusters, so the
         softmax at that temperature is FlashHead's sampling distribution.
         """
+        if self._exact:
+            return self.dense_logits(hidden)
         h = self._check_hidden(hidden, two_d=False)
         clusters, scores = self._select(h, self._n_probes, ordered=self._temperature is not None)
         ids, logits = self._candidates(h, clusters)
@@ -794,6 +848,41 @@ class FlashHead(torch.nn.Module):
         # can never overwrite a real logit, whatever the scatter order.
         out.scatter_reduce_(1, ids.clamp(min=0), logits, reduce="amax", include_self=True)
         return out.view(*hidden.shape[:-1], self.out_features)
+
+    def dense_logits(self, hidden: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """The dense head's logits ``[..., out_features]`` in ``hidden``'s dtype, as ``F.linear(hidden, W)`` gives them
+        bit for bit: ids in near-equal chunks of ``chunk`` to ``2 * chunk``, starting at multiples of 64, their rows gathered in id order (Q8_0 rows
+        dequantized, exactly), so no second copy of the head is ever whole. Every chunk stays wide (``chunk`` >= 256):
+        BLAS takes another kernel, with other bits, for a product only a few columns wide. Needs every id's row
+        (``padding_rows`` for the ids without a slot)."""
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0 or hidden.shape[-1] != self.d:
+            raise ValueError(f"hidden states must be a tensor with last dim d={self.d}, got "
+                             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        if chunk < 256:
+            raise ValueError(f"chunk must be >= 256 ids, got {chunk}")
+        self._check_every_row()
+        q8 = self.row_scales is not None
+        flat = self.rows.view(-1, self.d)
+        scales = self.row_scales.view(flat.shape[0], -1) if q8 else None
+        n_pad = 0 if self.padding_rows is None else self.padding_rows.shape[0]
+        slotted = self.out_features - n_pad
+
+        def weight(a: int, b: int) -> torch.Tensor:  # rows of ids [a, b) in id order, in the dense head's dtype
+            slots = self.token_slot[a:min(b, slotted)]
+            rows, sc = flat[slots], (scales[slots] if q8 else None)
+            if b > slotted:  # the padding rows past the slotted ids
+                p = slice(max(a, slotted) - slotted, b - slotted)
+                rows = torch.cat([rows, self.padding_rows[p]])
+                sc = torch.cat([sc, self.padding_scales[p]]) if q8 else None
+            return q8_0_dequantize(rows, sc, hidden.dtype) if q8 else rows
+
+        out = hidden.new_empty(*hidden.shape[:-1], self.out_features)
+        n = max(1, self.out_features // chunk)
+        # chunk starts on multiples of 64 ids: BLAS's few-row kernels give other bits from a misaligned start
+        bounds = [i * self.out_features // n // 64 * 64 for i in range(n)] + [self.out_features]
+        for a, b in zip(bounds, bounds[1:]):
+            out[..., a:b] = F.linear(hidden, weight(a, b))
+        return out
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Argmax token ``[N]`` over the top-p candidates, without a vocabulary-wide tensor.

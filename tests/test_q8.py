@@ -282,7 +282,7 @@ def _tiny_q8_model(tied: bool, dtype: torch.dtype = torch.float32, embed_scale: 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_apply_keeps_only_the_int8_rows_and_remove_restores_the_head(tied):
     from flashhead.index import build_index
-    from flashhead.integrations.transformers import apply, dense_logits, remove
+    from flashhead.integrations.transformers import apply, decoding, dense_logits, remove
     from flashhead.models import head_weight
 
     model = _tiny_q8_model(tied, embed_scale=8.0 if tied else None)
@@ -295,13 +295,16 @@ def test_apply_keeps_only_the_int8_rows_and_remove_restores_the_head(tied):
         hidden = model.model(input_ids=ids).last_hidden_state
         dense = dense_logits(model, hidden)
         emb_ref = model.get_input_embeddings()(ids)
+        scores = model(input_ids=ids).logits
         head = apply(model, index, n_probes=index.num_clusters)
         assert head.rows.dtype == torch.int8 and head.row_scales.dtype == torch.float16
         names = [n for n, _ in model.named_parameters()]
         assert not any(n.startswith("lm_head") for n in names)
         assert any(n.endswith("embed_tokens.weight") for n in names) != tied  # tied: the int8 rows serve it
         assert torch.equal(model.get_input_embeddings()(ids), emb_ref)
-        fast = model(input_ids=ids).logits.float()
+        assert torch.equal(model(input_ids=ids).logits, scores)  # scoring forwards stay exact
+        with decoding(model):
+            fast = model(input_ids=ids).logits.float()
         assert torch.equal(fast.argmax(-1), dense.argmax(-1))
         assert torch.allclose(fast, dense, rtol=0, atol=1e-4)
         assert torch.equal(dense_logits(model, hidden), dense)

@@ -31,7 +31,7 @@ from flashhead.decode import generate
 from flashhead.index import (CONFIG_FILE, INFORMATIONAL_FIELDS, TENSORS_FILE, AssetError, FlashHeadIndex,
                              IndexConfig, build_index, checksum)
 from flashhead.integrations.vllm import vendor as vllm
-from flashhead.integrations.transformers import apply, dense_logits, remove
+from flashhead.integrations.transformers import apply, decoding, dense_logits, remove
 from flashhead.models import ModelNotAvailableError, head_weight, load_model
 
 V, D, CAP = 512, 32, 16  # synthetic head: 32 clusters of 16
@@ -374,12 +374,15 @@ def test_tied_and_untied_heads_in_every_dtype(tied, dtype):
     with torch.inference_mode():
         hidden = model.model(input_ids=ids).last_hidden_state
         dense = dense_logits(model, hidden)
+        scores = model(input_ids=ids).logits
         head = apply(model, index, n_probes=K, stage1="float")
-        fast = model(input_ids=ids).logits.float()
+        assert torch.equal(model(input_ids=ids).logits, scores)  # scoring forwards stay exact, in the model dtype
+        with decoding(model):
+            fast = model(input_ids=ids).logits.float()
+            h = hidden[0]
+            assert torch.equal(head(h.t().contiguous().t()), head(h))  # non-contiguous hidden states
         assert torch.equal(fast.argmax(-1), dense.argmax(-1))
         assert torch.allclose(fast, dense, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.1)
-        h = hidden[0]
-        assert torch.equal(head(h.t().contiguous().t()), head(h))  # non-contiguous hidden states
         remove(model)
     assert torch.equal(head_weight(model), before)
     assert (model.get_input_embeddings().weight is head_weight(model)) == tied

@@ -5,15 +5,18 @@ head weight; for models that tie the head to the input embedding (both built-in 
 embedding uses that same tensor through an id -> slot map, so the head's memory is not doubled. A head
 that is exactly Q8_0 (dequantized from a GGUF) is kept as its int8 rows and fp16 scales only, and a tied
 embedding looks its tokens up there (docs/design.md, "Memory").
-``model.lm_head`` becomes a :class:`FlashHead`, which returns full-width logits that are -inf outside
-the candidates, so ``generate()``, its logits processors and warpers keep working unchanged;
-``generate()`` already projects only each sequence's last position at prefill. For sampled
+``model.lm_head`` becomes a :class:`FlashHead`. Inside ``generate()`` (and :func:`decoding`) it returns
+full-width logits that are -inf outside the candidates, so ``generate()``, its logits processors and
+warpers keep working unchanged; ``generate()`` already projects only each sequence's last position at
+prefill. Any other forward scores text: it gets the dense head's logits, bit for bit, computed from the
+same rows (perplexity and log-likelihoods stay exact; docs/design.md, "Scoring is exact"). For sampled
 generation the head draws clusters in proportion to their centroid probabilities at the call's
 temperature. ``remove(model)`` restores the original weights exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -286,7 +289,9 @@ def apply(model, index: FlashHeadIndex, *, n_probes: int | None = None, stage1: 
                      always_ids=torch.tensor(c.always_ids, dtype=torch.long),
                      stage1=c.stage1 if stage1 is None else stage1,
                      row_scales=None if scales is None else scales[: k * cap].view(k, cap, -1),
-                     quantize_activations=quantize_activations)
+                     quantize_activations=quantize_activations, padding_rows=storage[k * cap:],
+                     padding_scales=None if scales is None else scales[k * cap:])
+    head.exact = True  # scoring forwards stay exact; generate() and decoding() switch to FlashHead
     original = model.get_output_embeddings()
     state = {"head": head, "index": index, "original": original, "tied": tied, "slot_of": slot_of,
              "storage": storage, "scales": scales, "dtype": weight.dtype, "hook": None, "embedding": None}
@@ -342,21 +347,31 @@ def flashhead_of(model) -> FlashHead | None:
 def dense_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Exact dense logits [..., V] (float32) of ``model``'s head, whether FlashHead is applied or not.
 
-    The reference every fidelity figure is measured against; no second copy of the head is kept (Q8_0
-    rows are dequantized ~64k rows at a time).
+    The reference every fidelity figure is measured against; no second copy of the head is kept
+    (:meth:`FlashHead.dense_logits`).
     """
     state = getattr(model, "_flashhead", None)
     if state is None:
         return (hidden.to(head_weight(model).dtype) @ head_weight(model).T).float()
-    h = hidden.to(state["dtype"])
-    n = state["storage"].shape[0]
-    step = n if state["scales"] is None else 65536
-    out = torch.cat([h @ _float_rows(state, slice(a, a + step)).T for a in range(0, n, step)], -1)
-    return out[..., state["slot_of"]].float()
+    return state["head"].dense_logits(hidden.to(state["dtype"])).float()
+
+
+@contextlib.contextmanager
+def decoding(model):
+    """Within it, forwards of ``model`` use FlashHead (candidates' logits, -inf elsewhere), as ``generate()`` does:
+    for decode loops of one's own. Outside it a forward returns the dense head's exact logits."""
+    head = flashhead_of(model)
+    if head is None:
+        raise ValueError("this model does not use FlashHead; call flashhead.integrations.transformers.apply first")
+    before, head.exact = head.exact, False
+    try:
+        yield head
+    finally:
+        head.exact = before
 
 
 def _generate(model, *args, **kwargs):
-    """``generate()`` with the head told whether, and at which temperature, this call samples."""
+    """``generate()`` with FlashHead decoding, told whether, and at which temperature, this call samples."""
     head = flashhead_of(model)
     config = kwargs.get("generation_config") or model.generation_config
     do_sample = kwargs.get("do_sample", config.do_sample)
@@ -366,7 +381,8 @@ def _generate(model, *args, **kwargs):
         raise ValueError(f"top_p must be in (0, 1] (1.0 or None = no nucleus cut), got {top_p!r}")
     head.temperature = float(temperature if temperature is not None else 1.0) if do_sample else None
     try:
-        return type(model).generate(model, *args, **kwargs)
+        with decoding(model):
+            return type(model).generate(model, *args, **kwargs)
     finally:
         head.temperature = None
 

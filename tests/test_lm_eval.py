@@ -1,0 +1,100 @@
+"""lm-evaluation-harness with the `flashhead` model type, offline, on small local tasks: log-likelihoods equal
+--model hf's to the last digit on the same model (SmolLM2), and generate_until decodes with FlashHead."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported: local files only
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import lm_eval  # noqa: E402  (installed by the set-up: flashhead[eval])
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from flashhead.head import FlashHead  # noqa: E402
+from flashhead.integrations.lm_eval import FlashHeadLM  # noqa: E402
+from flashhead.models import local_dir  # noqa: E402
+
+QUESTIONS = [
+    ("The capital of France is", [" Paris", " London", " Rome", " Madrid"], 0),
+    ("Water freezes at a temperature of zero degrees", [" Fahrenheit", " Celsius", " Kelvin"], 1),
+    ("The largest planet in the solar system is", [" Mars", " Venus", " Jupiter", " Mercury"], 2),
+    ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+     "of a", [" wife", " horse", " house", " sword"], 0),
+    ("def add(a, b):\n    return a", [" + b", " - b", " * b"], 0),
+    ("The opposite of hot is", [" cold", " warm", " red", " loud"], 0),
+]
+PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fibonacci(n):"]
+
+
+def _write_tasks(folder: Path) -> None:
+    mc = folder / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    gen = folder / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"prompt": p, "answer": ""}) + "\n" for p in PROMPTS))
+    common = "dataset_path: json\ntest_split: test\n"
+    (folder / "mc.yaml").write_text(
+        f"task: flashhead_local_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {mc}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    (folder / "gen.yaml").write_text(
+        f"task: flashhead_local_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {gen}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    _write_tasks(folder)
+    return TaskManager(include_path=str(folder))
+
+
+def _run(lm, tasks, name):
+    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tasks, log_samples=True, bootstrap_iters=0)
+    return out["results"][name], out["samples"][name]
+
+
+def test_loglikelihoods_equal_hf_to_the_last_digit(tasks):
+    hf = HFLM(pretrained=str(local_dir("smollm2-135m", verbose=False)), device="cpu", dtype="float32", batch_size=1)
+    ref, ref_samples = _run(hf, tasks, "flashhead_local_mc")
+    del hf
+    lm = FlashHeadLM(pretrained="smollm2-135m", batch_size=1)
+    assert isinstance(lm.model.lm_head, FlashHead) and lm.model.lm_head.exact  # applied, after HFLM's set-up
+    got, samples = _run(lm, tasks, "flashhead_local_mc")
+    assert len(samples) == len(QUESTIONS)
+    for a, b in zip(ref_samples, samples):
+        assert a["resps"] == b["resps"]  # every (log-likelihood, is-greedy) pair, bit for bit
+    assert got["acc,none"] == ref["acc,none"] >= 0.5
+
+
+def test_generate_until_decodes_with_flashhead(tasks):
+    lm = FlashHeadLM(pretrained="smollm2-135m", batch_size=1)
+    head = lm.model.lm_head
+    modes = []
+    hook = head.register_forward_hook(lambda m, a, o: modes.append(m.exact))
+    try:
+        _, samples = _run(lm, tasks, "flashhead_local_gen")
+    finally:
+        hook.remove()
+    assert len(samples) == len(PROMPTS) and all(s["resps"][0][0].strip() for s in samples)
+    assert modes and not any(modes)  # every head call of the generation tasks is FlashHead's decoding
+
+
+def test_dense_and_engine_arguments():
+    lm = FlashHeadLM(pretrained="smollm2-135m", dense=True)
+    assert not isinstance(lm.model.lm_head, FlashHead)
+    with pytest.raises(ValueError, match="engine='llama.cpp' is not supported"):
+        FlashHeadLM(pretrained="smollm2-135m", engine="llama.cpp")
+
+
+def test_the_launcher_is_lm_evals_cli():
+    out = subprocess.run([sys.executable, "-m", "flashhead.cli", "lm-eval", "run", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "--model_args" in out.stdout + out.stderr
