@@ -185,7 +185,10 @@ def test_default_probes_fill_the_byte_budget_of_the_default_stage1():
 
 def test_rows_cap_holds_only_where_the_calibration_texts_reach_the_target():
     """With a Q8_0 head the byte budget allows more probes than DEFAULT_ROWS_BUDGET's rows: the default keeps the
-    rows cap where the calibration states reach DEFAULT_CONTAINMENT within it, else takes the byte budget's."""
+    rows cap where the calibration states, all sets together, keep DEFAULT_ROWS_CAP_CONTAINMENT within it, else takes
+    the byte budget's."""
+    from flashhead.index import DEFAULT_ROWS_CAP_CONTAINMENT
+
     g = torch.Generator().manual_seed(3)
     w = torch.randn(1200, 1, 32, generator=g)
     amax = w.abs().amax(-1, keepdim=True)
@@ -196,7 +199,7 @@ def test_rows_cap_holds_only_where_the_calibration_texts_reach_the_target():
         d = build_index(w, 8, hidden_states=h, frequent=5, progress=False).config
         defaults = d.build["defaults"]
         assert d.stage2 == "q8_0" and defaults["probes_max_in_bytes"] > defaults["probes_max_in_rows"]
-        assert (defaults["probes_needed"] <= defaults["probes_max_in_rows"]) == capped
+        assert (defaults["containment_at_rows_cap"] >= DEFAULT_ROWS_CAP_CONTAINMENT) == capped
         assert d.n_probes == (defaults["probes_max_in_rows"] if capped else
                               min(d.num_clusters, defaults["probes_max_in_bytes"]))
         assert ("not capped" in defaults["rule"]) != capped
