@@ -59,6 +59,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="on a shared machine, first wait up to SECONDS for other processes to leave the CPUs idle")
+    p.add_argument("--index", metavar="FOLDER", help="FlashHead assets folder to measure (default: the model's index "
+                                                     "in the cache, built if missing), e.g. to compare two builds")
     p.add_argument("--engine", choices=list(ENGINES), default="transformers",
                    help="engine that runs the whole-model (model level) part (default transformers)")
     p.set_defaults(func=run)
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     st.peers = not args.no_peers
     st.wait_quiet = max(0.0, float(getattr(args, "wait_quiet", 0.0) or 0.0))
     st.memory = not args.no_memory
+    if getattr(args, "index", None):
+        if not Path(args.index).is_dir():
+            raise ValueError(f"--index {args.index}: no such folder; give a folder written by `flashhead build`")
+        st.index = args.index
     rep = run_benchmark(args.model, st, quiet=args.json, engine=getattr(args, "engine", "transformers"))
     text = json.dumps(rep, indent=1, default=float)
     if args.out:

@@ -86,7 +86,7 @@ def llamacpp_model_level(model_ref: str, st, *, index, text: str, quiet: bool, m
     tf = transformers_model_level(model_ref, dataclasses.replace(st, model_batches=(1,)), index=index, text=text,
                                   quiet=quiet, model=model, tok=tok)
     log(f"llama.cpp: loading {model_ref} (n_threads={st.threads}) with its FlashHead index", quiet)
-    engine = LlamaCpp(model_ref, n_threads=st.threads, verbose=False)
+    engine = LlamaCpp(model_ref, n_threads=st.threads, index=st.index, verbose=False)
     ids = engine.tokenize(tf["prompts"][0])
     log(f"llama.cpp, batch 1: dense / body only / FlashHead, {len(ids)}-token prompt, {st.new_tokens} new tokens, "
         f"{st.model_repeats} interleaved rounds", quiet)

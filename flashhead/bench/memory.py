@@ -64,7 +64,8 @@ def memory_child(model_ref: str, config: str, threads: int) -> dict:
     peak_reset = reset_peak()
     keep = None  # peer index, alive until the end
     if config.startswith("flashhead-"):
-        apply(model, index_for(model_ref, model, tok, progress=False), stage1=config.split("-", 1)[1])
+        index = index_for(model_ref, model, tok, os.environ.get("FLASHHEAD_BENCH_INDEX"), progress=False)
+        apply(model, index, stage1=config.split("-", 1)[1])
     elif config in ("hnsw", "ivf"):
         import numpy as np
 
@@ -88,10 +89,14 @@ def memory_child(model_ref: str, config: str, threads: int) -> dict:
             "rss_anon_mb": r.get("RssAnon", 0) / mb, "rss_file_mb": r.get("RssFile", 0) / mb}
 
 
-def measure_memory(model_ref: str, configs: list[str], threads: int, peer_meta: dict | None) -> list[dict]:
-    """Peak (VmHWM) and steady (VmRSS) resident memory of each configuration, one fresh process each."""
+def measure_memory(model_ref: str, configs: list[str], threads: int, peer_meta: dict | None,
+                   index: str | None = None) -> list[dict]:
+    """Peak (VmHWM) and steady (VmRSS) resident memory of each configuration, one fresh process each
+    (``index``: the FlashHead assets folder; None = the model's default index)."""
     out = []
     env = dict(os.environ)
+    if index is not None:
+        env["FLASHHEAD_BENCH_INDEX"] = str(index)
     if peer_meta:
         env["FLASHHEAD_BENCH_PEER"] = json.dumps(peer_meta)
     for cfg in configs:

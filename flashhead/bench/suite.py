@@ -45,6 +45,7 @@ class Settings:
     peers: bool = True
     quick: bool = False
     wait_quiet: float = 0.0  # seconds to wait at most for other processes to leave the CPUs idle
+    index: str | None = None  # assets folder to measure; None = the model's default index (cache)
 
     @classmethod
     def for_mode(cls, quick: bool, threads: int = 2) -> Settings:
@@ -143,7 +144,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False, en
 
     log(f"loading {model_ref} and its FlashHead index", quiet)
     model, tok = load_model(model_ref, verbose=not quiet)
-    index = index_for(model_ref, model, tok, progress=not quiet)
+    index = index_for(model_ref, model, tok, st.index, progress=not quiet)
     cfg = index.config
     K, cap, V = cfg.num_clusters, cfg.cluster_size, cfg.vocab_size
     p0, s0, n_always = cfg.n_probes, cfg.stage1, len(cfg.always_ids)
@@ -191,7 +192,7 @@ def run_benchmark(model_ref: str, settings: Settings, *, quiet: bool = False, en
         if st.quick:
             mem_cfgs = ["dense-fp32", f"flashhead-{s0}"]
         log(f"peak memory: one fresh process per configuration ({', '.join(mem_cfgs)})", quiet)
-        report["memory"] = measure_memory(model_ref, mem_cfgs, st.threads, peer_meta)
+        report["memory"] = measure_memory(model_ref, mem_cfgs, st.threads, peer_meta, st.index)
         section("memory")
     report["targets"] = evaluate_targets(report)
     report["machine"]["loadavg_end"] = loadavg()
