@@ -7,8 +7,9 @@
 A variant is ``CALIBRATION[:SHRINKAGE]``. CALIBRATION: ``default``, as defaults revision 4 did (Python code
 and Pride and Prejudice, then Sense and Sensibility); ``broad``, that plus 512 positions of each text of
 corpora.MULTILINGUAL_CALIBRATION in the first set (so they shape the geometry and the always-scored frequent
-tokens); ``samples``, that plus 4,096 positions of text the model samples itself from its start token;
-``broad+samples``; ``mix``, Python code, Pride and Prejudice and every multilingual calibration text as equal
+tokens); ``samples``, that plus 4,096 positions of text the model samples itself from its start token (64 texts of 64
+tokens: many short texts cover more languages than few long ones);
+``broad+samples`` and ``mix+samples`` add them up; ``mix``, Python code, Pride and Prejudice and every multilingual calibration text as equal
 parts, 512 positions each (defaults revision 5). SHRINKAGE (e.g. ``0.2``, or ``0.2r``) mixes S with its scaled
 identity, or with the rows' W^T W / V (build_index's ``shrinkage`` and ``shrink_to``). Each index is applied to
 the model as a user applies it (int8/int4 stage 1, Q8_0 rows), at its default probes or at ``--probes`` (the
@@ -62,7 +63,7 @@ def held_out_states(model, tok, model_name: str, name: str, positions: int) -> d
     return out
 
 
-def own_samples(model, tok, n: int = 16, length: int = 256, seed: int = 0) -> torch.Tensor:
+def own_samples(model, tok, n: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
     """Hidden states of ``n`` texts the model writes itself from its start token (T = 1, no top-k/top-p)."""
     torch.manual_seed(seed)
     start = torch.tensor([tok("", add_special_tokens=True).input_ids or [tok.bos_token_id]] * n)
@@ -135,7 +136,7 @@ def main() -> int:
         shrink, to_rows = shrink.removesuffix("r"), shrink.endswith("r")
         parts = calib.split("+")
         if any(p not in extra for p in parts):
-            raise SystemExit(f"unknown variant {variant!r}: give default, broad, samples, broad+samples or mix, "
+            raise SystemExit(f"unknown variant {variant!r}: give default, broad, samples, mix or a sum such as mix+samples, "
                              "optionally with :SHRINKAGE")
         added = [extra[p] for p in parts if extra[p] is not None]
         sets = [torch.cat([(mix_sets if "mix" in parts else default_sets)[0], *added]),
