@@ -437,8 +437,7 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
         from .integrations import lm_eval
     except ImportError as e:
         raise RuntimeError(f"lm-eval is not installed ({e}); install it with `pip install 'flashhead[eval]'`") from None
-    sys.argv = ["lm_eval", *args.args]
-    lm_eval.main()
+    lm_eval.main(args.args)
     return 0
 
 

@@ -440,6 +440,7 @@ class FlashHead(torch.nn.Module):
         if rows is None:
             if scales is not None:
                 raise ValueError("padding_scales given without padding_rows")
+            self._rows_missing = int((self.token_slot < 0).sum())  # ids whose dense logit is unknown
             self.register_buffer("padding_rows", None, persistent=False)
             self.register_buffer("padding_scales", None, persistent=False)
             return
@@ -457,6 +458,7 @@ class FlashHead(torch.nn.Module):
                              "[n, d // 32] in the dtype of row_scales")
         self.register_buffer("padding_rows", rows, persistent=False)
         self.register_buffer("padding_scales", scales, persistent=False)
+        self._rows_missing = 0
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Keep stage-1 tensors in their dtypes (losslessly) when the module is cast
@@ -523,8 +525,8 @@ class FlashHead(torch.nn.Module):
         self._exact = bool(value)
 
     def _check_every_row(self) -> None:
-        if self.padding_rows is None and bool((self.token_slot < 0).any()):
-            raise ValueError(f"{int((self.token_slot < 0).sum())} ids own no slot and no padding_rows were given, "
+        if self._rows_missing:
+            raise ValueError(f"{self._rows_missing} ids own no slot and no padding_rows were given, "
                              "so their dense logits are unknown; build the head with padding_rows")
 
     def extra_repr(self) -> str:

@@ -49,11 +49,11 @@ class FlashHeadLM(HFLM):
                                    n_probes=probes, stage1=stage1)
 
 
-def main() -> None:
-    """lm-eval's command line, with the ``flashhead`` model type registered."""
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line (``argv``, default this process's), with the ``flashhead`` model type registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv[0] = "lm_eval"
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
 
 
