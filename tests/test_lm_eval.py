@@ -2,6 +2,7 @@
 --model hf's to the last digit on the same model (SmolLM2), and generate_until decodes with FlashHead."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported: local files only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import lm_eval  # noqa: E402  (installed by the set-up: flashhead[eval])
@@ -17,7 +19,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from flashhead.head import FlashHead  # noqa: E402
-from flashhead.integrations.lm_eval import FlashHeadLM  # noqa: E402
+from flashhead.integrations.lm_eval import FlashHeadLlamaCppLM, FlashHeadLM  # noqa: E402
 from flashhead.models import local_dir  # noqa: E402
 
 QUESTIONS = [
@@ -90,8 +92,54 @@ def test_generate_until_decodes_with_flashhead(tasks):
 def test_dense_and_engine_arguments():
     lm = FlashHeadLM(pretrained="smollm2-135m", dense=True)
     assert not isinstance(lm.model.lm_head, FlashHead)
-    with pytest.raises(ValueError, match="engine='llama.cpp' is not supported"):
+    with pytest.raises(ValueError, match="for llama.cpp use FlashHeadLlamaCppLM"):
         FlashHeadLM(pretrained="smollm2-135m", engine="llama.cpp")
+    with pytest.raises(ValueError, match="engine='vllm' is not one of"):
+        FlashHeadLM.create_from_arg_string("pretrained=smollm2-135m,engine=vllm")
+
+
+@pytest.fixture(scope="module")
+def llamacpp_lm():
+    lm = FlashHeadLM.create_from_arg_string("pretrained=smollm2-135m,engine=llama.cpp,threads=1",
+                                            {"batch_size": 1, "device": None})
+    assert isinstance(lm, FlashHeadLlamaCppLM) and lm.engine.head is not None
+    yield lm
+    lm.engine.close()
+
+
+def test_llamacpp_loglikelihoods_are_llamacpps_own(tasks, llamacpp_lm):
+    """engine=llama.cpp: each choice's log-likelihood is llama-cpp-python's own (its high-level Llama with
+    logits_all, an independent route to the same dense head), whatever head decodes."""
+    from llama_cpp import Llama
+
+    _, samples = _run(llamacpp_lm, tasks, "flashhead_local_mc")
+    ref = Llama(model_path=str(llamacpp_lm.engine.path), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
+    try:
+        for s in samples:
+            pairs = [s["arguments"][f"gen_args_{i}"] for i in range(len(s["resps"]))]
+            for (loglik, _), pair in zip(s["resps"], pairs):
+                context, continuation = pair["arg_0"], pair["arg_1"]
+                ctx = ref.tokenize(context.encode(), add_bos=True, special=False)
+                whole = ref.tokenize((context + continuation).encode(), add_bos=True, special=False)
+                ref.reset()
+                ref.eval(whole)
+                logits = np.asarray(ref.scores[:len(whole)], dtype=np.float64)
+                logp = logits - logits.max(1, keepdims=True)
+                logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+                expected = sum(logp[j - 1, whole[j]] for j in range(len(ctx), len(whole)))
+                assert math.isclose(loglik, expected, rel_tol=0, abs_tol=2e-3), (context, continuation)
+    finally:
+        ref.close()
+
+
+def test_llamacpp_generate_until_decodes_with_flashhead(tasks, llamacpp_lm, monkeypatch):
+    calls = []
+    greedy = FlashHead.greedy
+    monkeypatch.setattr(FlashHead, "greedy", lambda self, h: calls.append(1) or greedy(self, h))
+    _, samples = _run(llamacpp_lm, tasks, "flashhead_local_gen")
+    assert len(samples) == len(PROMPTS) and all(s["resps"][0][0].strip() for s in samples)
+    assert len(calls) >= len(PROMPTS)  # every continuation picked its tokens with FlashHead
+    assert all("\n\n" not in s["resps"][0][0] for s in samples)  # cut at the task's stop string
 
 
 def test_the_launcher_is_lm_evals_cli():

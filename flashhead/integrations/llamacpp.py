@@ -229,6 +229,7 @@ class LlamaCpp:
         for i in range(self.n_batch):
             self._batch.seq_id[i][0] = 0
         self._views: dict[int, torch.Tensor] = {}
+        self._piece_buf = ctypes.create_string_buffer(64)
         self.head: FlashHead | None = None
         self.head_source = ""
         if flashhead:
@@ -350,6 +351,15 @@ class LlamaCpp:
     def is_eog(self, token: int) -> bool:
         return bool(self.ll.llama_vocab_is_eog(self._vocab, token))
 
+    def piece(self, token: int) -> bytes:
+        """The bytes ``token`` adds to a text (special tokens add none): pieces join into the detokenized text."""
+        buf = self._piece_buf
+        n = self.ll.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, False)
+        if n < 0:  # longer than the buffer: grow it once
+            self._piece_buf = buf = ctypes.create_string_buffer(-n)
+            n = self.ll.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, False)
+        return buf.raw[:n]
+
     # ---------------------------------------------------------------- decoding primitives
     def _decode(self, ctx, n: int) -> None:
         self._batch.n_tokens = n
@@ -405,9 +415,11 @@ class LlamaCpp:
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, head: str = "flashhead",
-                 follow: Sequence[int] | None = None) -> Generation:
+                 follow: Sequence[int] | None = None, stop: Sequence[str] = ()) -> Generation:
         """Continue ``prompt`` (text, or token ids with their BOS) by up to ``max_new_tokens`` tokens, stopping
-        at an end-of-generation token; greedy unless ``temperature`` is given.
+        at an end-of-generation token or once the new text contains one of the ``stop`` strings (they may span
+        tokens; the text and ids returned end with the token that completed it); greedy unless ``temperature``
+        is given.
 
         ``head``: ``"flashhead"`` (FlashHead's greedy/sample on the body's state), ``"dense"`` (llama.cpp's
         own head and sampler) or ``"body"`` (no head: feeds ``follow``'s tokens, to time the floor).
@@ -420,6 +432,8 @@ class LlamaCpp:
         _check_sampling(temperature, top_k, top_p)
         if head == "flashhead" and self.head is None:
             raise ValueError("this LlamaCpp was loaded with flashhead=False; use head='dense'")
+        if isinstance(stop, str) or any(not isinstance(x, str) or not x for x in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
         if head == "body" and (follow is None or len(follow) < max_new_tokens):
             raise ValueError(f"head='body' feeds given tokens: pass follow= with at least {max_new_tokens} ids")
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -430,7 +444,7 @@ class LlamaCpp:
         pick = self._picker(head, ctx, temperature, top_k, top_p, seed, follow)
         try:
             t0 = time.perf_counter()
-            out = self._loop(ctx, ids, max_new_tokens, pick, stop_at_eog=head != "body")
+            out = self._loop(ctx, ids, max_new_tokens, pick, stop_at_eog=head != "body", stop=self._stop_watch(stop))
             seconds = time.perf_counter() - t0
         finally:
             pick.close()
@@ -451,8 +465,26 @@ class LlamaCpp:
         return _Picker(lambda: int(fh.sample(hidden(ctx), temperature=temperature, top_k=top_k, top_p=top_p,
                                              generator=gen)))
 
-    def _loop(self, ctx, ids: list[int], max_new: int, pick: _Picker, stop_at_eog: bool) -> list[int]:
-        """Prefill, then one token per step: pick, check EOG, decode it (the hot loop)."""
+    def _stop_watch(self, stop: Sequence[str]) -> Callable[[int], bool] | None:
+        """None without stop strings, else a function fed each new token that says when the new text holds one.
+        It keeps the bytes so far and searches only the tail a new piece can complete."""
+        if not stop:
+            return None
+        needles = [x.encode() for x in stop]
+        longest = max(map(len, needles))
+        text = bytearray()
+
+        def seen(token: int) -> bool:
+            start = max(0, len(text) - longest + 1)
+            text.extend(self.piece(token))
+            tail = bytes(text[start:])
+            return any(n in tail for n in needles)
+
+        return seen
+
+    def _loop(self, ctx, ids: list[int], max_new: int, pick: _Picker, stop_at_eog: bool,
+              stop: Callable[[int], bool] | None = None) -> list[int]:
+        """Prefill, then one token per step: pick, check EOG and stop strings, decode it (the hot loop)."""
         self._views.clear()
         self._prefill(ctx, ids, outputs="last")
         out: list[int] = []
@@ -463,7 +495,7 @@ class LlamaCpp:
         for step in range(max_new):
             tok = next_token()
             out.append(tok)
-            if step == max_new - 1 or (stop_at_eog and is_eog(vocab, tok)):
+            if step == max_new - 1 or (stop_at_eog and is_eog(vocab, tok)) or (stop is not None and stop(tok)):
                 break
             b_token[0] = tok
             b_pos[0] = pos
@@ -494,6 +526,38 @@ class LlamaCpp:
         addr = ctypes.cast(self.ll.llama_get_logits(ctx), ctypes.c_void_p).value
         logits = np.ctypeslib.as_array((ctypes.c_float * (len(ids) * self.n_vocab)).from_address(addr))
         return torch.from_numpy(logits.reshape(len(ids), self.n_vocab).argmax(1))
+
+    def score(self, ids: Sequence[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities ``[n - start]`` (float64) of ``ids[start:]``, each given the ids before it, and whether
+        each is the greedy token (llama.cpp's argmax), both from llama.cpp's own dense head: scoring is exact
+        whatever head decodes (docs/design.md, "Scoring"). ``1 <= start < len(ids) <= n_ctx``."""
+        if not 1 <= start < len(ids) <= self.n_ctx:
+            raise ValueError(f"score needs 1 <= start < len(ids) <= n_ctx={self.n_ctx}, got start={start} and "
+                             f"{len(ids)} ids; pass a larger n_ctx or a shorter text")
+        ctx = self._context("dense")
+        self.ll.llama_memory_clear(self.ll.llama_get_memory(ctx), True)
+        ids = [int(t) for t in ids]
+        target = torch.tensor(ids[start:], dtype=torch.long)
+        logp, greedy = torch.empty(len(target), dtype=torch.float64), torch.empty(len(target), dtype=torch.bool)
+        # position j's logits predict ids[j + 1]: positions start-1 .. n-2 are wanted; the last id is never fed
+        for a in range(0, len(ids) - 1, self.n_batch):
+            n = min(self.n_batch, len(ids) - 1 - a)
+            self._b_token[:n] = ids[a:a + n]
+            self._b_pos[:n] = np.arange(a, a + n)
+            first = max(start - 1 - a, 0)  # first row of this batch whose logits are wanted
+            self._b_logits[:n] = np.arange(n) >= first
+            self._decode(ctx, n)
+            m = n - first
+            if m <= 0:
+                continue
+            addr = ctypes.cast(self.ll.llama_get_logits(ctx), ctypes.c_void_p).value
+            rows = torch.from_numpy(np.ctypeslib.as_array((ctypes.c_float * (m * self.n_vocab)).from_address(addr))
+                                    .reshape(m, self.n_vocab)).double()
+            at = slice(a + first - (start - 1), a + n - (start - 1))
+            want = target[at]
+            logp[at] = rows.log_softmax(1).gather(1, want[:, None])[:, 0]
+            greedy[at] = rows.argmax(1) == want
+        return logp, greedy
 
     def _check_window(self, ids: Sequence[int]) -> None:
         if not 0 < len(ids) <= min(self.n_batch, self.n_ctx):
