@@ -148,10 +148,12 @@ class _Transformers:
         self.head = None
 
     def use(self, n_probes: int | None) -> None:
-        from .integrations.transformers import apply
+        from .integrations.transformers import apply, remove
 
         if n_probes is None:
-            assert self.head is None, "the dense head runs first"
+            if self.head is not None:
+                remove(self.model)
+                self.head = None
         elif self.head is None:
             self.head = apply(self.model, self.index, n_probes=n_probes)
         else:
@@ -197,7 +199,8 @@ def run(model: str = DEFAULT_MODEL, *, engine: str = "transformers", probes: Seq
         limit: int | None = None, max_new_tokens: int = 384, index: str | None = None, threads: int = 2,
         timeout: float = 3.0, confirm_run_unsafe_code: bool = False, progress: bool = True) -> HumanEvalReport:
     """HumanEval greedy with the dense head and with FlashHead at each of ``probes`` (default: the index's
-    default and about half of it), same prompts and stop sequences; every completion checked."""
+    default and about half of it), same prompts and stop sequences; every completion checked. ``seconds`` per
+    head covers its prefills and decodes only."""
     if not confirm_run_unsafe_code:  # refuse before loading anything
         check([], [], confirm_run_unsafe_code=False)
     if engine not in ENGINES:
@@ -207,15 +210,16 @@ def run(model: str = DEFAULT_MODEL, *, engine: str = "transformers", probes: Seq
     items = problems(limit)
     runner = (_Transformers if engine == "transformers" else _LlamaCpp)(model, index, threads)
     settings = list(probes) if probes else [runner.default_probes, max(1, runner.default_probes // 2)]
-    heads = []
-    for p in [None, *settings]:
-        runner.use(p)
-        name = "dense" if p is None else f"flashhead p={p}"
-        ids, t0 = [], time.perf_counter()
-        for item in tqdm(items, desc=name, disable=not progress):
-            ids.append(runner.complete(item["prompt"], max_new_tokens))
-        seconds = time.perf_counter() - t0
-        heads.append(HeadResult(name, p, ids, [truncate(runner.text(x)) for x in ids], seconds=seconds))
+    heads = [HeadResult("dense" if p is None else f"flashhead p={p}", p, [], []) for p in [None, *settings]]
+    # problem by problem, every head in turn: a load that changes during the run slows all heads alike
+    for item in tqdm(items, desc=f"HumanEval, {len(heads)} heads", disable=not progress):
+        for r in heads:
+            runner.use(r.n_probes)
+            t0 = time.perf_counter()
+            ids = runner.complete(item["prompt"], max_new_tokens)
+            r.seconds += time.perf_counter() - t0
+            r.token_ids.append(ids)
+            r.completions.append(truncate(runner.text(ids)))
     for r in heads:
         r.passed = check(items, r.completions, timeout, confirm_run_unsafe_code=True)
     return HumanEvalReport(model, engine, len(items), max_new_tokens, heads)
