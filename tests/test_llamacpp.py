@@ -246,3 +246,73 @@ def test_score_is_llamacpps_dense_head(engine, prompts):
     assert torch.allclose(logp16, logp, atol=1e-4, rtol=0) and torch.equal(greedy16, greedy)
     with pytest.raises(ValueError, match="score needs 1 <= start"):
         engine.score(ids, 0)
+
+
+PROMPTS_6 = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
+             "The best way to learn a new language is", "Water freezes at", "import numpy as np\n"]
+
+
+@pytest.mark.parametrize("head", ["flashhead", "dense"])
+def test_batched_greedy_equals_batch_1(engine, head):
+    """Six sequences through four slots (two join as others finish, each with its own length): every sequence's
+    greedy tokens equal a batch-1 run of its prompt, with FlashHead and with llama.cpp's own head."""
+    from flashhead.integrations.llamacpp_batch import Batcher
+
+    lengths = [24, 9, 17, 24, 5, 12]
+    ref = [engine.generate(p, n, head=head).token_ids[0] for p, n in zip(PROMPTS_6, lengths)]
+    b = Batcher(engine, n_slots=4, head=head)
+    try:
+        reqs = [b.submit(p, n) for p, n in zip(PROMPTS_6, lengths)]
+        most = 0
+        while not b.idle:
+            b.step()
+            most = max(most, b.running)
+        assert most == 4 and b.queued == 0
+        assert [r.tokens for r in reqs] == ref
+        assert all(r.finish_reason in ("length", "eog") for r in reqs)
+    finally:
+        b.close()
+
+
+def test_batcher_cancel_stop_sampling_and_long_prompts(engine, prompts):
+    from flashhead.integrations.llamacpp_batch import Batcher
+
+    b = Batcher(engine, n_slots=2)
+    try:
+        first, second, third = (b.submit(p, 16) for p in prompts)
+        b.step()
+        b.cancel(first)  # frees its slot: the third joins at the next step
+        assert first.finish_reason == "cancelled" and len(first.tokens) == 1
+        b.run()
+        assert third.tokens == engine.generate(prompts[2], 16).token_ids[0]
+        assert second.tokens == engine.generate(prompts[1], 16).token_ids[0]
+        # stop strings end a sequence at the token that completes them, as generate() does
+        free = engine.generate(prompts[0], 20).texts[0]
+        stop = free[len(free) // 2: len(free) // 2 + 3]
+        s = b.submit(prompts[0], 20, stop=[stop])
+        b.run()
+        assert s.finish_reason == "stop" and s.tokens == engine.generate(prompts[0], 20, stop=[stop]).token_ids[0]
+        # sampled sequences: seeded, so the same seed draws the same tokens beside a greedy neighbour
+        a1, g = b.submit(prompts[1], 12, temperature=0.8, seed=3), b.submit(prompts[2], 12)
+        b.run()
+        a2 = b.submit(prompts[1], 12, temperature=0.8, seed=3)
+        b.run()
+        assert a1.tokens == a2.tokens and g.tokens == engine.generate(prompts[2], 12).token_ids[0]
+        with pytest.raises(ValueError, match="max_new_tokens must be an int"):
+            b.submit(prompts[0], 0)
+        with pytest.raises(ValueError, match="exceed n_ctx"):
+            b.submit(prompts[0], engine.n_ctx)
+    finally:
+        b.close()
+    # a prompt longer than one batch is prefilled over several steps
+    small = LlamaCpp(MODEL, n_threads=1, n_batch=16)
+    try:
+        long_prompt = prompts[0] + prompts[1]
+        ref = small.generate(long_prompt, 8).token_ids[0]
+        b = Batcher(small, n_slots=2)
+        r, other = b.submit(long_prompt, 8), b.submit(prompts[2], 8)
+        b.run()
+        assert r.tokens == ref and other.tokens == small.generate(prompts[2], 8).token_ids[0]
+        b.close()
+    finally:
+        small.close()

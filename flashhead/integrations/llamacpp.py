@@ -204,7 +204,7 @@ class LlamaCpp:
             raise ValueError(f"{model} is a transformers folder; llama.cpp runs GGUF files: give a built-in name or "
                              "a .gguf path")
         self.ll, self.path, self.model_ref = ll, path, str(model)
-        self._contexts: dict[str, object] = {}  # set before anything can fail: close() reads it
+        self._contexts: dict[tuple[str, int], object] = {}  # set before anything can fail: close() reads it
         self.n_threads, self.n_ctx, self.n_batch = int(n_threads), int(n_ctx), int(n_batch)
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
         ll.llama_backend_init()
@@ -270,40 +270,44 @@ class LlamaCpp:
                        stage1=c.stage1 if stage1 is None else stage1, **kw)
         return fh, source
 
-    def _context(self, which: str):
-        """The ``"dense"`` (logits) or ``"body"`` (embeddings, stop after the final norm) context."""
-        ctx = self._contexts.get(which)
+    def _context(self, which: str, n_seq: int = 1):
+        """The ``"dense"`` (logits) or ``"body"`` (embeddings, stop after the final norm) context; with ``n_seq``
+        sequences (:mod:`.llamacpp_batch`) it holds ``n_ctx`` positions for each of them."""
+        ctx = self._contexts.get((which, n_seq))
         if ctx is not None:
             return ctx
         ll = self.ll
         p = ll.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = self.n_ctx, self.n_batch, self.n_batch, 1
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = self.n_ctx * n_seq, self.n_batch, self.n_batch, n_seq
         p.n_threads = p.n_threads_batch = self.n_threads
         p.no_perf = True
+        stop = None
         if which == "body":
             from ._llamacpp_stop import StopState, callback_address
 
-            self._stop = StopState(stop=1, hits=0)
+            stop = StopState(stop=1, hits=0)
             cb = ll.ggml_backend_sched_eval_callback(callback_address())
-            self._keep += [self._stop, cb]
+            self._keep += [stop, cb]
             p.embeddings = True
             p.pooling_type = ll.LLAMA_POOLING_TYPE_NONE
             p.cb_eval = cb
-            p.cb_eval_user_data = ctypes.cast(ctypes.pointer(self._stop), ctypes.c_void_p)
+            p.cb_eval_user_data = ctypes.cast(ctypes.pointer(stop), ctypes.c_void_p)
+            if n_seq == 1:
+                self._stop = stop  # hidden_states() turns this one's stop off and on
         ctx = ll.llama_init_from_model(self._model, p)
         if not ctx:
-            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={self.n_ctx}, n_batch={self.n_batch}); "
-                               "try a smaller n_ctx")
-        self._contexts[which] = ctx
-        if which == "body":
-            self._check_stop(ctx)
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={self.n_ctx} x {n_seq} sequences, "
+                               f"n_batch={self.n_batch}); try a smaller n_ctx")
+        self._contexts[(which, n_seq)] = ctx
+        if stop is not None:
+            self._check_stop(ctx, stop)
         return ctx
 
-    def _check_stop(self, ctx) -> None:
-        """One decode through the body context: the callback must have met the final norm, else this llama.cpp
+    def _check_stop(self, ctx, stop) -> None:
+        """One decode through a body context: the callback must have met the final norm, else this llama.cpp
         no longer names it or no longer asks the callback, and the head would run unseen."""
         self._prefill(ctx, self.tokenize("The"), outputs="last")
-        if self._stop.hits < 1:
+        if stop.hits < 1:
             raise RuntimeError(f"llama.cpp {self.ll.__version__}: the eval callback never met the final norm "
                                "('result_norm'/'result_embd_pooled'), so the head cannot be skipped; install "
                                f"llama-cpp-python=={LLAMA_CPP_VERSION} (scripts/setup.sh)")
