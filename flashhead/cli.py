@@ -437,6 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=_cmd_eval_task)
 
+    s = sub.add_parser("serve", help="an OpenAI- and Ollama-compatible server on llama.cpp + FlashHead, several "
+                                     "requests per decode step (continuous batching)")
+    s.add_argument("model", help=f"{model_help} (a GGUF: llama.cpp runs it)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    s.add_argument("--parallel", type=int, default=4, help="sequences decoded together (slots; default 4)")
+    s.add_argument("--dense", action="store_true", help="serve llama.cpp's own head instead (the baseline)")
+    s.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    s.add_argument("--n-ctx", type=int, default=2048, help="context per request, prompt + completion (default 2048)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    s.add_argument("--index", help="assets folder (default: the model's index in the cache, built if missing)")
+    s.add_argument("--probes", type=int, help="probed clusters per step (default: the index's)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default warning)")
+    s.set_defaults(func=_cmd_serve)
+
     s = sub.add_parser("lm-eval", add_help=False,
                        help="lm-evaluation-harness with the model type `flashhead` registered: lm-eval's own flags, "
                             "e.g. --model flashhead --model_args pretrained=gemma3-270m --tasks arc_easy "
@@ -466,6 +483,24 @@ def _cmd_eval_task(args: argparse.Namespace) -> int:
     print(json.dumps(report.to_json()["summary"], indent=2) if args.json else report.table())
     if args.out and not args.json:
         print(f"every completion written to {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+        from .server.app import ServeConfig
+    except ImportError as e:
+        raise RuntimeError(f"serving needs FastAPI, uvicorn and prometheus-client ({e}); install them with "
+                           "`pip install 'flashhead[serve]'`") from None
+    for what in ("parallel", "threads", "n_ctx", "port"):
+        if getattr(args, what) < 1:
+            raise ValueError(f"--{what.replace('_', '-')} must be >= 1, got {getattr(args, what)}")
+    config = ServeConfig(args.model, parallel=args.parallel, dense=args.dense, threads=args.threads, n_ctx=args.n_ctx,
+                         max_queue=args.max_queue, timeout=args.timeout, index=args.index, probes=args.probes)
+    print(f"flashhead serve: {args.model} ({'llama.cpp dense head' if args.dense else 'FlashHead'}, {args.parallel} "
+          f"slots) on http://{args.host}:{args.port} (OpenAI /v1, Ollama /api, /health, /metrics)", file=sys.stderr)
+    serve(config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

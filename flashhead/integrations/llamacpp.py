@@ -331,12 +331,13 @@ class LlamaCpp:
         self.close()
 
     # ---------------------------------------------------------------- text
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """llama.cpp's tokens for ``text`` (with the model's BOS when ``add_special``)."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """llama.cpp's tokens for ``text`` (with the model's BOS when ``add_special``; special tokens written in
+        the text, e.g. a chat template's ``<|im_start|>``, read as such when ``parse_special``)."""
         raw = text.encode()
         n_max = len(raw) + 8
         buf = (ctypes.c_int32 * n_max)()
-        n = self.ll.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, False)
+        n = self.ll.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, parse_special)
         if n < 0:
             raise RuntimeError(f"llama_tokenize failed ({n})")
         return list(buf[:n])
