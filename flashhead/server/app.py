@@ -55,17 +55,23 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class CompletionBody(_Body):
+class _OpenAISampling(_Body):
+    """The fields OpenAI's completions and chat completions share."""
+
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1)  # not OpenAI's, as in vLLM and llama-server
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+
+class CompletionBody(_OpenAISampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
 class Message(_Body):
@@ -73,18 +79,9 @@ class Message(_Body):
     content: str
 
 
-class ChatBody(_Body):
-    model: str | None = None
+class ChatBody(_OpenAISampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
 
 
 class OllamaOptions(_Body):
