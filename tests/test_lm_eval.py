@@ -96,6 +96,20 @@ def test_dense_and_engine_arguments():
         FlashHeadLM(pretrained="smollm2-135m", engine="llama.cpp")
     with pytest.raises(ValueError, match="engine='vllm' is not one of"):
         FlashHeadLM.create_from_arg_string("pretrained=smollm2-135m,engine=vllm")
+    for engine in ("transformers", "llama.cpp"):  # refused before anything loads
+        with pytest.raises(ValueError, match=f"model args nprobes are not known .* engine={engine}; known: .*probes"):
+            FlashHeadLM.create_from_arg_string(f"pretrained=smollm2-135m,engine={engine},nprobes=10")
+
+
+def test_a_hub_task_offline_gets_a_one_line_error():
+    out = subprocess.run([sys.executable, "-m", "flashhead.cli", "lm-eval", "run", "--model", "flashhead",
+                          "--model_args", "pretrained=smollm2-135m,dense=true", "--tasks", "arc_easy", "--limit", "1"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("flashhead lm-eval: error: arc_easy: the dataset is on the Hugging Face hub") \
+        and "local copy" in last
 
 
 @pytest.fixture(scope="module")

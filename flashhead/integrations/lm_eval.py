@@ -22,6 +22,7 @@ body (``threads``, ``n_ctx`` as model args).
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -67,13 +68,22 @@ class FlashHeadLM(HFLM):
         """lm-eval's constructor from ``--model_args``: ``engine=llama.cpp`` gives :class:`FlashHeadLlamaCppLM`."""
         args = utils.simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        engine = args.get("engine", "transformers")
-        if engine == "llama.cpp":
-            del args["engine"]
-            return FlashHeadLlamaCppLM(**args, **extra)
+        engine = args.pop("engine", "transformers")
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
-        return cls(**args, **extra)
+        target = FlashHeadLlamaCppLM if engine == "llama.cpp" else cls
+        known = _named_params(target) | (_named_params(HFLM) if target is cls else set())
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"model args {', '.join(unknown)} are not known to the flashhead model with "
+                             f"engine={engine}; known: {', '.join(sorted(known))}")
+        return target(**args, **{k: v for k, v in extra.items() if k in known})
+
+
+def _named_params(cls) -> set[str]:
+    """The keyword arguments ``cls.__init__`` names (not its ``**kwargs``)."""
+    return {p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 class FlashHeadLlamaCppLM(TemplateLM):
@@ -182,7 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     if runs and not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
         args += ["--include_path", str(TASKS_DIR)]
     sys.argv = ["lm_eval", *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except Exception as e:  # a task whose dataset lives on the hub, with no network or in offline mode
+        text = f"{type(e).__name__}: {e}"
+        if not any(w in text for w in ("Hub", "OfflineModeIsEnabled", "DatasetNotFoundError", "huggingface.co")):
+            raise
+        tasks = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--tasks"), "this task")
+        raise RuntimeError(f"{tasks}: the dataset is on the Hugging Face hub, which cannot be reached here ({e}); "
+                           "give lm-eval a local copy (a task YAML with dataset_path: json and data_files, passed "
+                           "with --include_path) or run with the network") from None
 
 
 if __name__ == "__main__":
