@@ -30,7 +30,8 @@ from pathlib import Path
 
 from .model import ENGINES
 from .report import TARGETS, format_report, plot_report
-from .suite import SCHEMA, Settings, run_benchmark
+from .settings import Settings
+from .suite import SCHEMA, run_benchmark
 from .timing import CacheFlusher, measure_bandwidth, time_interleaved
 
 __all__ = [

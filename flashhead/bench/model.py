@@ -22,7 +22,7 @@ from .timing import log
 
 if TYPE_CHECKING:
     from ..index import FlashHeadIndex
-    from .suite import Settings
+    from .settings import Settings
 
 __all__ = ["ENGINES", "model_level_of", "transformers_model_level", "interleaved_rounds", "add_ratios",
            "prompts_of_length", "match"]

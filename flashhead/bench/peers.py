@@ -23,7 +23,7 @@ from .timing import HeadConfig, log
 
 if TYPE_CHECKING:
     from ..index import IndexConfig
-    from .suite import Settings
+    from .settings import Settings
 
 __all__ = ["dense_heads", "dense_configs", "peer_configs", "peer_dir", "mips_augment", "build_hnsw", "build_ivf",
            "HnswCounter", "tune_hnsw_ef", "tune_ivf_nprobe"]

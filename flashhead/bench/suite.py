@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,50 +11,13 @@ from .memory import measure_memory
 from .model import model_level_of
 from .peers import dense_configs, peer_configs
 from .report import evaluate_targets
+from .settings import Settings
 from .timing import HeadConfig, cpu_busy, loadavg, log, machine_info, measure_bandwidth, time_head_level, wait_for_quiet
 
-__all__ = ["SCHEMA", "HELD_OUT_TEXT", "Settings", "run_benchmark"]
+__all__ = ["SCHEMA", "HELD_OUT_TEXT", "run_benchmark"]
 
 SCHEMA = "flashhead-bench/1"
 HELD_OUT_TEXT = "persuasion"  # never used to build an index (data.DEFAULT_CALIBRATION_TEXTS)
-
-
-@dataclass
-class Settings:
-    """The knobs of one run (all recorded in the report's ``settings``)."""
-
-    threads: int = 2
-    batches: tuple[int, ...] = (1, 4, 16, 64)
-    repeats: int = 15  # timed rounds per head configuration and batch
-    warmup: int = 2
-    states: int = 2048  # real hidden states in the pool
-    probe_factors: tuple[float, ...] = (0.25, 0.5, 2.0, 4.0)  # extra probe counts (default stage 1), x default
-    stage1_modes: tuple[str, ...] = ("int8", "int4", "float")
-    model_batches: tuple[int, ...] = (1, 8)
-    prompt_tokens: int = 32
-    new_tokens: int = 128
-    model_repeats: int = 5
-    model_flash_modes: tuple[str, ...] = ()  # stage-1 modes at model level; () = the index's default
-    hnsw_m: int = 16
-    hnsw_spaces: tuple[str, ...] = ("ip", "l2")  # "l2" = on MIPS-augmented rows (the standard reduction)
-    hnsw_ef_construction: int = 100
-    ivf_niter: int = 10
-    tune_queries: int = 48
-    memory: bool = True
-    peers: bool = True
-    quick: bool = False
-    wait_quiet: float = 0.0  # seconds to wait at most for other processes to leave the CPUs idle
-    index: str | None = None  # assets folder to measure; None = the model's default index (cache)
-
-    @classmethod
-    def for_mode(cls, quick: bool, threads: int = 2) -> Settings:
-        """The full run's settings, or the quick run's (smoke tests, not numbers)."""
-        if not quick:
-            return cls(threads=threads)
-        return cls(threads=threads, batches=(1, 16), repeats=5, warmup=1, states=256, probe_factors=(0.5, 2.0),
-                   model_batches=(1, 8), new_tokens=32, model_repeats=2, hnsw_ef_construction=48, ivf_niter=4,
-                   hnsw_spaces=("ip",),
-                   tune_queries=16, memory=True, quick=True)
 
 
 def _flashhead_configs(head, index, st: Settings) -> tuple[list[HeadConfig], dict]:

@@ -39,7 +39,7 @@ from .timing import loadavg, log
 
 if TYPE_CHECKING:
     from ..index import FlashHeadIndex
-    from .suite import Settings
+    from .settings import Settings
 
 __all__ = ["vllm_model_level", "measure", "TARGETS"]
 

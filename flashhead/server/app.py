@@ -395,9 +395,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             return {**out, "message": {"role": "assistant", "content": text}} if chat else {**out, "response": text}
 
         def final(reason: str, text: str = "") -> dict:
-            return {**piece(text), "done": True, "done_reason": FINISH.get(reason, reason),
-                    "total_duration": time.time_ns() - start, "prompt_eval_count": len(job.prompt),
-                    "eval_count": job.completion_tokens}
+            out = {**piece(text), "done": True, "done_reason": FINISH.get(reason, reason),
+                   "total_duration": time.time_ns() - start, "prompt_eval_count": len(job.prompt),
+                   "eval_count": job.completion_tokens}
+            return {**out, "context": list(job.prompt) + job.tokens} if not chat else out  # Ollama's token ids
 
         if not stream:
             text, reason = await server.collect(job, request)

@@ -47,6 +47,11 @@ class Job:
     _sent: int = 0  # characters of _text already sent
     _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
+    @property
+    def tokens(self) -> list[int]:
+        """The answer's token ids so far."""
+        return [] if self._request is None else list(self._request.tokens)
+
 
 class Worker:
     """Owns the engine and its batcher; ``on_token(job, seconds_since_last)`` feeds the metrics."""
