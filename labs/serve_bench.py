@@ -2,7 +2,7 @@
 
     python labs/serve_bench.py speed gemma3-270m --out bench-serve/        # flashhead serve, --dense, llama-cpp-python
     python labs/serve_bench.py speed gemma3-270m --llama-server PATH       # + llama.cpp's C++ llama-server
-    python labs/serve_bench.py load gemma3-270m                            # 8 clients x 50 requests, faults
+    python labs/serve_bench.py load gemma3-270m --tokens 32 [--dense]     # 8 clients x 50 requests, faults
 
 `speed` starts each server in turn on the same GGUF with the same threads, sends `clients` concurrent
 streamed greedy requests of `--tokens` new tokens (three rounds per level, different prompts each) and
@@ -10,7 +10,8 @@ reports aggregate tokens/s, time to first token and inter-token latency. Servers
 (FlashHead), `flashhead serve --dense` (llama.cpp's own head in the same server), llama-cpp-python's
 server (`pip install 'llama-cpp-python[server]==0.3.36'`: one request at a time), and, given a binary,
 llama.cpp's `llama-server --parallel N` (build it with labs/build_llama_server.sh).
-`load` runs the fault and load script of issue #24 against `flashhead serve` and prints what it saw.
+`load` runs the fault and load script of issue #24 against `flashhead serve` (or `--dense`) and prints what
+it saw.
 Everything stays on 127.0.0.1 and is bounded in count and time.
 """
 
@@ -24,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,11 +50,14 @@ class Served:
 
     def __init__(self, kind: str, cmd: list[str], port: int, health: str) -> None:
         self.kind, self.url = kind, f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the log goes to a file: llama.cpp writes enough while loading to fill a pipe nobody reads
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{kind} exited: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(self.url + health, timeout=2).status_code == 200:
                     return
@@ -73,6 +78,7 @@ class Served:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 def servers(model: str, gguf: str, threads: int, parallel: int, llama_server: str | None,
@@ -82,10 +88,12 @@ def servers(model: str, gguf: str, threads: int, parallel: int, llama_server: st
              str(parallel), "--n-ctx", "1024", "--port", str(port)]
     out = [("flashhead serve", flash, "/health"), ("flashhead serve --dense", flash + ["--dense"], "/health"),
            ("llama-cpp-python server", [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
-                                        str(threads), "--n_ctx", "1024", "--port", str(port)], "/v1/models")]
+                                        str(threads), "--n_ctx", "1024", "--interrupt_requests", "False",
+                                        "--host", "127.0.0.1", "--port", str(port)], "/v1/models")]
     if llama_server:
-        out.append(("llama-server", [llama_server, "-m", gguf, "-t", str(threads), "--parallel", str(parallel),
-                                     "-c", str(1024 * parallel), "--port", str(port)], "/health"))
+        out.append(("llama-server", [llama_server, "-m", gguf, "-t", str(threads), "-tb", str(threads), "--parallel",
+                                     str(parallel), "-c", str(1024 * parallel), "--host", "127.0.0.1", "--port",
+                                     str(port)], "/health"))
     return out
 
 
@@ -140,13 +148,14 @@ def speed(args) -> dict:
 
 def load(args) -> dict:
     """8 clients x 50 requests (streamed and not), 20 disconnects mid-stream, 20 malformed requests, 5 oversized
-    prompts, against flashhead serve; greedy outputs compared with a sequential pass; RSS at the start and end."""
+    prompts, against flashhead serve (``--dense``: its llama.cpp head); greedy outputs compared with a sequential
+    pass (llama.cpp is not batch-invariant, so some differ: docs/design.md); RSS at the start and end."""
     port = free_port()
     cmd = [sys.executable, "-m", "flashhead.cli", "serve", args.model, "--threads", str(args.threads), "--parallel",
-           "8", "--n-ctx", "1024", "--port", str(port)]
+           "8", "--n-ctx", "1024", "--port", str(port)] + (["--dense"] if args.dense else [])
     srv = Served("flashhead serve", cmd, port, "/health")
-    seen = {"5xx": 0, "answered": 0, "well_formed": 0, "4xx_for_bad": 0, "bad": 0, "mismatch": 0}
-    lock = threading.Lock()
+    seen = {"5xx": 0, "answered": 0, "well_formed": 0, "4xx_for_bad": 0, "bad": 0, "differ_from_sequential": 0}
+    lock, differing = threading.Lock(), set()
     try:
         ref = {p: stream_one(srv.url, p, args.tokens)["text"] for p in PROMPTS}  # sequential reference
         rss = [srv.rss_mb()]
@@ -192,7 +201,9 @@ def load(args) -> dict:
                         text = r.json()["choices"][0]["text"]
                     with lock:
                         seen["answered"] += 1
-                        seen["mismatch"] += text != ref[p]
+                        if text != ref[p]:
+                            seen["differ_from_sequential"] += 1
+                            differing.add(p)
                         if seen["answered"] in (100, args.clients * args.requests // 2):
                             rss.append(srv.rss_mb())
                 except httpx.HTTPError as e:
@@ -203,7 +214,7 @@ def load(args) -> dict:
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(client, range(args.clients)))
         rss.append(srv.rss_mb())
-        seen.update(seconds=time.perf_counter() - t0, rss_mb=rss,
+        seen.update(seconds=time.perf_counter() - t0, rss_mb=rss, prompts_that_differed=len(differing),
                     healthy_after=httpx.get(srv.url + "/health").status_code == 200)
     finally:
         srv.stop()
@@ -220,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=50, help="load: requests per client")
+    p.add_argument("--dense", action="store_true", help="load: serve llama.cpp's own head (flashhead serve --dense)")
     p.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (labs/build_llama_server.sh)")
     p.add_argument("--out", help="folder for the JSON")
     args = p.parse_args(argv)
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     result = speed(args) if args.mode == "speed" else load(args)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        Path(args.out, f"serve-{args.mode}-{args.model}.json").write_text(json.dumps(result, indent=2))
+        Path(args.out, f"serve-{args.mode}-{args.model}{'-dense' if args.dense else ''}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
