@@ -444,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     s.add_argument("--parallel", type=int, default=4, help="sequences decoded together (slots; default 4)")
     s.add_argument("--dense", action="store_true", help="serve llama.cpp's own head instead (the baseline)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="decode each request in its own llama.cpp call, so its greedy tokens are those of the request "
+                        "served alone whatever else runs (llama.cpp's kernels are not batch-invariant); the head "
+                        "still picks all tokens in one call; fewer tokens/s with many clients")
     s.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     s.add_argument("--n-ctx", type=int, default=2048, help="context per request, prompt + completion (default 2048)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
@@ -497,9 +501,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, what) < 1:
             raise ValueError(f"--{what.replace('_', '-')} must be >= 1, got {getattr(args, what)}")
     config = ServeConfig(args.model, parallel=args.parallel, dense=args.dense, threads=args.threads, n_ctx=args.n_ctx,
-                         max_queue=args.max_queue, timeout=args.timeout, index=args.index, probes=args.probes)
+                         max_queue=args.max_queue, timeout=args.timeout, index=args.index, probes=args.probes,
+                         batch_invariant=args.batch_invariant)
     print(f"flashhead serve: {args.model} ({'llama.cpp dense head' if args.dense else 'FlashHead'}, {args.parallel} "
-          f"slots) on http://{args.host}:{args.port} (OpenAI /v1, Ollama /api, /health, /metrics)", file=sys.stderr)
+          f"slots{', batch-invariant' if args.batch_invariant else ''}) on http://{args.host}:{args.port} (OpenAI /v1, Ollama /api, /health, /metrics)", file=sys.stderr)
     serve(config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -5,9 +5,10 @@ step"), on the prompts of labs/serve_bench.py:
 
 1. prefill against decode: each prompt's batch-1 greedy run (dense head), teacher-forced in one prefill: the
    positions where the prefill's argmax is another token;
-2. batched against batch-1: all prompts through one Batcher of ``--slots`` slots, per head; each sequence's first
-   token that differs from its batch-1 run, and the gap there (batch-1 scoring);
-3. FlashHead against llama.cpp's head under the same batch schedule: sequences with identical tokens.
+2. batched against batch-1: all prompts through one Batcher of ``--slots`` slots, per head, sharing each step
+   and with ``invariant=True`` (each sequence in its own decode); each sequence's first token that differs from
+   its batch-1 run, and the gap there (batch-1 scoring);
+3. FlashHead against llama.cpp's head under the same (shared) batch schedule: sequences with identical tokens.
 """
 
 from __future__ import annotations
@@ -47,19 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. prefill argmax != batch-1 decode's token at {flips}/{total} positions")
 
     batched = {}
-    for head in ("flashhead", "dense"):
+    for head, invariant in (("flashhead", False), ("dense", False), ("flashhead", True), ("dense", True)):
         ref = [e.generate(ids, args.tokens, head=head).token_ids[0] for ids in prompts]
-        b = Batcher(e, n_slots=args.slots, head=head)
+        b = Batcher(e, n_slots=args.slots, head=head, invariant=invariant)
         reqs = [b.submit(ids, args.tokens) for ids in prompts]
         b.run()
         b.close()
-        batched[head] = [r.tokens for r in reqs]
+        if not invariant:
+            batched[head] = [r.tokens for r in reqs]
         firsts = []
-        for ids, got, want in zip(prompts, batched[head], ref):
+        for ids, got, want in zip(prompts, [r.tokens for r in reqs], ref):
             i = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
             if i is not None:
                 firsts.append(f"token {i} ({gap(e, ids + want[:i], got[i], want[i]):+.3f})")
-        print(f"2. {head}: {len(firsts)}/{len(prompts)} batched sequences differ from batch-1; first differences "
+        print(f"2. {head}{', invariant' if invariant else ''}: {len(firsts)}/{len(prompts)} batched sequences differ from batch-1; first differences "
               f"(gap, nats): {', '.join(firsts) or 'none'}")
     same = sum(a == b for a, b in zip(batched["flashhead"], batched["dense"]))
     print(f"3. same batch schedule: FlashHead's tokens equal llama.cpp's head's in {same}/{len(prompts)} sequences")

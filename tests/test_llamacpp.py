@@ -250,16 +250,18 @@ PROMPTS_6 = ["The capital of France is", "def fibonacci(n):", "Once upon a time,
              "The best way to learn a new language is", "Water freezes at", "import numpy as np\n"]
 
 
+@pytest.mark.parametrize("invariant", [False, True])
 @pytest.mark.parametrize("head", ["flashhead", "dense"])
-def test_batched_greedy_equals_batch_1(engine, head, greedy_or_tie):
+def test_batched_greedy_equals_batch_1(engine, head, invariant, greedy_or_tie):
     """Six sequences through four slots (two join as others finish, each with its own length): every sequence's
-    greedy tokens equal a batch-1 run of its prompt, with FlashHead and with llama.cpp's own head, up to a near
-    tie that llama.cpp's batch-dependent rounding may tip (conftest.TIE_NATS)."""
+    greedy tokens equal a batch-1 run of its prompt, with FlashHead and with llama.cpp's own head; sharing each
+    step, up to a near tie that llama.cpp's batch-dependent rounding may tip (conftest.TIE_NATS); with
+    ``invariant`` (each sequence in its own decode) exactly."""
     from flashhead.integrations.llamacpp_batch import Batcher
 
     lengths = [24, 9, 17, 24, 5, 12]
     ref = [engine.generate(p, n, head=head).token_ids[0] for p, n in zip(PROMPTS_6, lengths)]
-    b = Batcher(engine, n_slots=4, head=head)
+    b = Batcher(engine, n_slots=4, head=head, invariant=invariant)
     try:
         reqs = [b.submit(p, n) for p, n in zip(PROMPTS_6, lengths)]
         most = 0
@@ -267,6 +269,8 @@ def test_batched_greedy_equals_batch_1(engine, head, greedy_or_tie):
             b.step()
             most = max(most, b.running)
         assert most == 4 and b.queued == 0
+        if invariant:
+            assert [r.tokens for r in reqs] == ref
         for r, want in zip(reqs, ref):
             greedy_or_tie(engine, r.prompt, r.tokens, want)
         assert all(r.finish_reason in ("length", "eog") for r in reqs)
@@ -327,6 +331,11 @@ def test_batcher_cancel_stop_sampling_and_long_prompts(engine, prompts, greedy_o
         b.run()
         greedy_or_tie(small, r.prompt, r.tokens, ref)
         greedy_or_tie(small, other.prompt, other.tokens, small.generate(prompts[2], 8).token_ids[0])
+        b.close()
+        b = Batcher(small, n_slots=2, invariant=True)  # alone: the prompt in n_batch chunks, as generate() does
+        r, other = b.submit(long_prompt, 8), b.submit(prompts[2], 8)
+        b.run()
+        assert r.tokens == ref and other.tokens == small.generate(prompts[2], 8).token_ids[0]
         b.close()
     finally:
         small.close()

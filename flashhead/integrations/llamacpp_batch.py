@@ -7,6 +7,12 @@ the last token of every decoding sequence, then as many prompt tokens of newly a
 tokens from one batched :meth:`FlashHead.greedy` call over their normed states (llama.cpp's sampler per
 sequence with ``head="dense"``); sampled sequences draw row by row with their own seed. A finished or
 cancelled sequence's KV cells are removed and its slot admits the next waiting one.
+
+llama.cpp's CPU kernels are not batch-invariant: a row's state depends, beyond rounding, on how many rows its
+batch holds, so a greedy sequence decoded beside others may take the other token of a near tie
+(docs/design.md). ``invariant=True`` decodes each sequence in its own ``llama_decode`` with the shapes of a
+run alone (its one token; its prompt in ``n_batch`` chunks from position 0), so its tokens are those of a
+batch-1 run whatever else is running; FlashHead still picks all the next tokens in one call.
 """
 
 from __future__ import annotations
@@ -51,16 +57,17 @@ class Request:
 class Batcher:
     """Up to ``n_slots`` sequences decoded together on ``engine``'s model, with FlashHead (``head="flashhead"``)
     or llama.cpp's own head and sampler (``"dense"``). Submit sequences, then call :meth:`step` until
-    :attr:`idle`; sequences may be submitted and cancelled between steps."""
+    :attr:`idle`; sequences may be submitted and cancelled between steps. ``invariant``: each sequence in its
+    own llama.cpp decode, so its tokens equal a batch-1 run (slower with many sequences)."""
 
-    def __init__(self, engine: LlamaCpp, n_slots: int = 4, head: str = "flashhead") -> None:
+    def __init__(self, engine: LlamaCpp, n_slots: int = 4, head: str = "flashhead", invariant: bool = False) -> None:
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError(f"n_slots must be an int >= 1, got {n_slots!r}")
         if head not in ("flashhead", "dense"):
             raise ValueError(f"head must be 'flashhead' or 'dense', got {head!r}")
         if head == "flashhead" and engine.head is None:
             raise ValueError("this LlamaCpp was loaded with flashhead=False; use head='dense'")
-        self.engine, self.n_slots, self.head = engine, n_slots, head
+        self.engine, self.n_slots, self.head, self.invariant = engine, n_slots, head, bool(invariant)
         ll = engine.ll
         self._ll, self._ctx = ll, engine._context("body" if head == "flashhead" else "dense", n_seq=n_slots)
         self._mem = ll.llama_get_memory(self._ctx)
@@ -151,29 +158,7 @@ class Batcher:
     def step(self) -> list[tuple[Request, int]]:
         """One decode step over every running sequence; returns the ``(sequence, token)`` pairs it produced."""
         self._admit()
-        room, n, outputs = self.engine.n_batch, 0, []
-        for seq in self._slots:  # decoding sequences first: one token each
-            if seq is not None and seq.tokens:
-                self._put(n, seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq._slot, True)
-                outputs.append((n, seq))
-                n += 1
-        for seq in self._slots:  # then prompt tokens, as many as fit
-            if seq is None or seq.tokens or n == room:
-                continue
-            take = min(room - n, len(seq.prompt) - seq._fed)
-            for j in range(seq._fed, seq._fed + take):
-                self._put(n, seq.prompt[j], j, seq._slot, j == len(seq.prompt) - 1)
-                n += 1
-            seq._fed += take
-            if seq._fed == len(seq.prompt):
-                outputs.append((n - 1, seq))
-        if n == 0:
-            return []
-        self._batch.n_tokens = n
-        rc = self._ll.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} with {n} tokens of {self.running} sequences")
-        produced = list(zip((s for _, s in outputs), self._pick(outputs)))
+        produced = self._step_alone() if self.invariant else self._step_shared()
         for seq, tok in produced:
             seq.tokens.append(tok)
             if self.engine.is_eog(tok):
@@ -186,26 +171,95 @@ class Batcher:
                 self._release(seq)
         return produced
 
+    def _step_shared(self) -> list[tuple[Request, int]]:
+        """One llama_batch: a token for every decoding sequence, then prompt tokens of new ones as far as fit."""
+        room, n, outputs = self.engine.n_batch, 0, []
+        for seq in self._slots:  # decoding sequences first: one token each
+            if seq is not None and seq.tokens:
+                self._put(n, seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq._slot, True)
+                outputs.append((n, seq))
+                n += 1
+        for seq in self._slots:  # then prompt tokens, as many as fit
+            if seq is None or seq.tokens or n == room:
+                continue
+            n = self._put_prompt(seq, n, room - n)
+            if seq._fed == len(seq.prompt):
+                outputs.append((n - 1, seq))
+        if n == 0:
+            return []
+        self._decode(n)
+        seqs = [s for _, s in outputs]
+        if self.head == "dense":
+            return [(s, self._dense_token(s, i)) for i, s in outputs]
+        return list(zip(seqs, self._flash_tokens(seqs, self._states([i for i, _ in outputs]))))
+
+    def _step_alone(self) -> list[tuple[Request, int]]:
+        """Every sequence in its own decode, shaped as in a batch-1 run; the states are copied out before the next
+        decode overwrites them, then FlashHead picks all tokens at once."""
+        seqs, tokens, states = [], [], []
+        for seq in self._slots:
+            if seq is None:
+                continue
+            if seq.tokens:
+                self._put(0, seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq._slot, True)
+                n = 1
+            else:
+                n = self._put_prompt(seq, 0, self.engine.n_batch)
+                if seq._fed < len(seq.prompt):
+                    self._decode(n)
+                    continue
+            self._decode(n)
+            seqs.append(seq)
+            if self.head == "dense":
+                tokens.append(self._dense_token(seq, n - 1))
+            else:
+                states.append(self._states([n - 1]))
+        if self.head == "flashhead" and seqs:
+            tokens = self._flash_tokens(seqs, torch.cat(states))
+        return list(zip(seqs, tokens))
+
+    def _put_prompt(self, seq: Request, n: int, room: int) -> int:
+        """Put up to ``room`` of ``seq``'s prompt tokens from batch row ``n``; returns the next free row."""
+        take = min(room, len(seq.prompt) - seq._fed)
+        for j in range(seq._fed, seq._fed + take):
+            self._put(n, seq.prompt[j], j, seq._slot, j == len(seq.prompt) - 1)
+            n += 1
+        seq._fed += take
+        return n
+
+    def _decode(self, n: int) -> None:
+        self._batch.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} with {n} tokens of {self.running} sequences")
+
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         self._token[i], self._pos[i], self._logits[i] = token, pos, logits
         self._seq[i][0] = seq_id
 
-    def _pick(self, outputs: list[tuple[int, Request]]) -> list[int]:
-        """The next token of each output row: llama.cpp's sampler per sequence (dense), else FlashHead, the greedy
-        rows in one batched call."""
-        if self.head == "dense":
-            return [int(self._ll.llama_sampler_sample(s._sampler, self._ctx, i)) for i, s in outputs]
-        d, fh = self.engine.d, self.engine.head
-        h = torch.empty(len(outputs), d)
-        for r, (i, _) in enumerate(outputs):
+    def _dense_token(self, seq: Request, row: int) -> int:
+        """llama.cpp's own sampler for ``seq`` on output ``row`` of the last decode."""
+        return int(self._ll.llama_sampler_sample(seq._sampler, self._ctx, row))
+
+    def _states(self, rows: list[int]) -> torch.Tensor:
+        """``[len(rows), d]`` copies of the body's normed states at those outputs of the last decode."""
+        d = self.engine.d
+        h = torch.empty(len(rows), d)
+        for r, i in enumerate(rows):
             addr = ctypes.cast(self._ll.llama_get_embeddings_ith(self._ctx, i), ctypes.c_void_p).value
             h[r] = torch.frombuffer((ctypes.c_float * d).from_address(addr), dtype=torch.float32)
-        out = [0] * len(outputs)
-        greedy = [r for r, (_, s) in enumerate(outputs) if s.temperature is None]
+        return h
+
+    def _flash_tokens(self, seqs: list[Request], h: torch.Tensor) -> list[int]:
+        """FlashHead's next token for each row of ``h``: the greedy rows in one batched call, the sampled ones row
+        by row with their own generator."""
+        fh = self.engine.head
+        out = [0] * len(seqs)
+        greedy = [r for r, s in enumerate(seqs) if s.temperature is None]
         if greedy:
             for r, tok in zip(greedy, fh.greedy(h[greedy]).tolist()):
                 out[r] = tok
-        for r, (_, s) in enumerate(outputs):
+        for r, s in enumerate(seqs):
             if s.temperature is not None:
                 out[r] = int(fh.sample(h[r:r + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                        generator=s._generator))

@@ -36,6 +36,7 @@ class ServeConfig:
     model: str
     parallel: int = 4
     dense: bool = False
+    batch_invariant: bool = False  # each request in its own llama.cpp decode: greedy tokens as if served alone
     threads: int = 2
     n_ctx: int = 2048
     max_queue: int = 64
@@ -153,7 +154,7 @@ class Server:
                                    flashhead=not c.dense, verbose=False)
             self.template = ChatTemplate(self.engine)
             self.worker = Worker(self.engine, c.parallel, "dense" if c.dense else "flashhead", c.max_queue,
-                                 on_token=self.metrics.on_token)
+                                 on_token=self.metrics.on_token, invariant=c.batch_invariant)
         except Exception as e:  # noqa: BLE001 - reported by /health, and the process keeps answering
             self.load_error = f"{type(e).__name__}: {e}"
 
@@ -286,7 +287,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             status = "error" if server.load_error else "loading"
             return JSONResponse({"status": status, "error": server.load_error}, status_code=503)
         return {"status": "ok", "model": server.name, "head": "dense" if config.dense else "flashhead",
-                "parallel": config.parallel}
+                "parallel": config.parallel, "batch_invariant": config.batch_invariant}
 
     @app.get("/metrics")
     async def metrics():

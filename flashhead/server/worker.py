@@ -57,9 +57,9 @@ class Worker:
     """Owns the engine and its batcher; ``on_token(job, seconds_since_last)`` feeds the metrics."""
 
     def __init__(self, engine: LlamaCpp, n_slots: int, head: str, max_queue: int,
-                 on_token: Callable[[Job, float | None], None] | None = None) -> None:
+                 on_token: Callable[[Job, float | None], None] | None = None, invariant: bool = False) -> None:
         self.engine, self.max_queue = engine, max_queue
-        self.batcher = Batcher(engine, n_slots=n_slots, head=head)
+        self.batcher = Batcher(engine, n_slots=n_slots, head=head, invariant=invariant)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}
         self._pending = 0  # submitted, not finished (read by handlers for the queue limit)
