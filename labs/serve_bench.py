@@ -2,12 +2,13 @@
 
     python labs/serve_bench.py speed gemma3-270m --out bench-serve/        # flashhead serve, --dense, llama-cpp-python
     python labs/serve_bench.py speed gemma3-270m --llama-server PATH       # + llama.cpp's C++ llama-server
-    python labs/serve_bench.py load gemma3-270m --tokens 32 [--dense]     # 8 clients x 50 requests, faults
+    python labs/serve_bench.py load gemma3-270m --tokens 32 [--dense | --batch-invariant]  # 8 x 50 requests, faults
 
-`speed` starts each server in turn on the same GGUF with the same threads, sends `clients` concurrent
-streamed greedy requests of `--tokens` new tokens (three rounds per level, different prompts each) and
-reports aggregate tokens/s, time to first token and inter-token latency. Servers: `flashhead serve`
-(FlashHead), `flashhead serve --dense` (llama.cpp's own head in the same server), llama-cpp-python's
+`speed` starts every server on the same GGUF with the same threads, each on its own port, and sends
+`clients` concurrent streamed greedy requests of `--tokens` new tokens to one server after the other
+(`--rounds` rounds per level, default 5, each round visiting every server with the same prompts), and reports aggregate tokens/s, time to first token and inter-token latency. Servers: `flashhead serve`
+(FlashHead), `flashhead serve --dense` (llama.cpp's own head in the same server), `flashhead serve
+--batch-invariant` (each request in its own llama.cpp decode), llama-cpp-python's
 server (`pip install 'llama-cpp-python[server]==0.3.36'`: one request at a time), and, given a binary,
 llama.cpp's `llama-server --parallel N` (build it with labs/build_llama_server.sh).
 `load` runs the fault and load script of issue #24 against `flashhead serve` (or `--dense`) and prints what
@@ -81,19 +82,24 @@ class Served:
         self.log.close()
 
 
-def servers(model: str, gguf: str, threads: int, parallel: int, llama_server: str | None,
-            port: int) -> list[tuple[str, list[str], str]]:
-    """(name, command, health route) of each server to compare, all on ``port``."""
-    flash = [sys.executable, "-m", "flashhead.cli", "serve", model, "--threads", str(threads), "--parallel",
-             str(parallel), "--n-ctx", "1024", "--port", str(port)]
-    out = [("flashhead serve", flash, "/health"), ("flashhead serve --dense", flash + ["--dense"], "/health"),
-           ("llama-cpp-python server", [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
-                                        str(threads), "--n_ctx", "1024", "--interrupt_requests", "False",
-                                        "--host", "127.0.0.1", "--port", str(port)], "/v1/models")]
+def servers(model: str, gguf: str, threads: int, parallel: int,
+            llama_server: str | None) -> list[tuple[str, list[str], str, int]]:
+    """(name, command, health route, port) of each server to compare, each on a free port of its own."""
+    out = []
+    for kind, extra in (("flashhead serve", []), ("flashhead serve --dense", ["--dense"]),
+                        ("flashhead serve --batch-invariant", ["--batch-invariant"])):
+        port = free_port()
+        out.append((kind, [sys.executable, "-m", "flashhead.cli", "serve", model, "--threads", str(threads),
+                           "--parallel", str(parallel), "--n-ctx", "1024", "--port", str(port), *extra], "/health", port))
+    port = free_port()
+    out.append(("llama-cpp-python server", [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
+                                            str(threads), "--n_ctx", "1024", "--interrupt_requests", "False",
+                                            "--host", "127.0.0.1", "--port", str(port)], "/v1/models", port))
     if llama_server:
+        port = free_port()
         out.append(("llama-server", [llama_server, "-m", gguf, "-t", str(threads), "-tb", str(threads), "--parallel",
                                      str(parallel), "-c", str(1024 * parallel), "--host", "127.0.0.1", "--port",
-                                     str(port)], "/health"))
+                                     str(port)], "/health", port))
     return out
 
 
@@ -116,43 +122,52 @@ def stream_one(url: str, prompt: str, tokens: int) -> dict:
             "text": "".join(text), "end": time.perf_counter()}
 
 
+def one_round(srv: Served, n: int, r: int, tokens: int) -> dict:
+    """``n`` concurrent streamed requests (round ``r``'s prompts): aggregate tokens/s, median TTFT and gap."""
+    prompts = [PROMPTS[(r * n + i) % len(PROMPTS)] for i in range(n)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(lambda p: stream_one(srv.url, p, tokens), prompts))
+    wall = max(g["end"] for g in got) - t0
+    return {"tok_s": sum(g["tokens"] for g in got) / wall, "ttft": statistics.median(g["ttft"] for g in got),
+            "itl": statistics.median(x for g in got for x in g["gaps"])}
+
+
 def speed(args) -> dict:
+    """All servers up at once, each on its own port (idle ones sleep); every round visits them in turn, so a
+    machine whose speed drifts slows all alike."""
     from flashhead.models import resolve
 
     gguf = str(resolve(args.model)[1])
-    results = {}
-    port = free_port()
-    for kind, cmd, health in servers(args.model, gguf, args.threads, max(args.clients), args.llama_server, port):
-        srv = Served(kind, cmd, port, health)
-        try:
-            stream_one(srv.url, PROMPTS[0], 8)  # warm-up
-            for n in args.clients:
-                rounds = []
-                for r in range(args.rounds):
-                    prompts = [PROMPTS[(r * n + i) % len(PROMPTS)] for i in range(n)]
-                    t0 = time.perf_counter()
-                    with ThreadPoolExecutor(n) as pool:
-                        got = list(pool.map(lambda p: stream_one(srv.url, p, args.tokens), prompts))
-                    wall = max(g["end"] for g in got) - t0
-                    rounds.append({"tok_s": sum(g["tokens"] for g in got) / wall,
-                                   "ttft": statistics.median(g["ttft"] for g in got),
-                                   "itl": statistics.median(x for g in got for x in g["gaps"])})
-                results.setdefault(kind, {})[n] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-                row = results[kind][n]
-                print(f"{kind:<26} clients {n}: {row['tok_s']:7.1f} tok/s, TTFT {1000 * row['ttft']:7.1f} ms, "
+    results, started = {}, []
+    try:
+        for kind, cmd, health, port in servers(args.model, gguf, args.threads, max(args.clients), args.llama_server):
+            started.append(Served(kind, cmd, port, health))
+            stream_one(started[-1].url, PROMPTS[0], 8)  # warm-up
+        for n in args.clients:
+            rounds = {srv.kind: [] for srv in started}
+            for r in range(args.rounds):
+                for srv in started:
+                    rounds[srv.kind].append(one_round(srv, n, r, args.tokens))
+            for kind, got in rounds.items():
+                row = results.setdefault(kind, {})[n] = {k: statistics.median(x[k] for x in got) for k in got[0]}
+                print(f"{kind:<34} clients {n}: {row['tok_s']:7.1f} tok/s, TTFT {1000 * row['ttft']:7.1f} ms, "
                       f"ITL {1000 * row['itl']:6.1f} ms", flush=True)
-        finally:
+    finally:
+        for srv in started:
             srv.stop()
     return results
 
 
 def load(args) -> dict:
     """8 clients x 50 requests (streamed and not), 20 disconnects mid-stream, 20 malformed requests, 5 oversized
-    prompts, against flashhead serve (``--dense``: its llama.cpp head); greedy outputs compared with a sequential
-    pass (llama.cpp is not batch-invariant, so some differ: docs/design.md); RSS at the start and end."""
+    prompts, against flashhead serve (``--dense``: its llama.cpp head; ``--batch-invariant``); greedy outputs
+    compared with a sequential pass (llama.cpp is not batch-invariant: sharing steps, some differ; docs/design.md);
+    RSS at the start, after 100 answers, half-way and at the end."""
     port = free_port()
     cmd = [sys.executable, "-m", "flashhead.cli", "serve", args.model, "--threads", str(args.threads), "--parallel",
-           "8", "--n-ctx", "1024", "--port", str(port)] + (["--dense"] if args.dense else [])
+           "8", "--n-ctx", "1024", "--port", str(port)] + (["--dense"] if args.dense else []) + \
+        (["--batch-invariant"] if args.batch_invariant else [])
     srv = Served("flashhead serve", cmd, port, "/health")
     seen = {"5xx": 0, "answered": 0, "well_formed": 0, "4xx_for_bad": 0, "bad": 0, "differ_from_sequential": 0}
     lock, differing = threading.Lock(), set()
@@ -229,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="new tokens per request (speed: 128; load: 32 is plenty)")
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=50, help="load: requests per client")
     p.add_argument("--dense", action="store_true", help="load: serve llama.cpp's own head (flashhead serve --dense)")
+    p.add_argument("--batch-invariant", action="store_true", help="load: flashhead serve --batch-invariant")
     p.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (labs/build_llama_server.sh)")
     p.add_argument("--out", help="folder for the JSON")
     args = p.parse_args(argv)
@@ -240,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     result = speed(args) if args.mode == "speed" else load(args)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        Path(args.out, f"serve-{args.mode}-{args.model}{'-dense' if args.dense else ''}.json").write_text(json.dumps(result, indent=2))
+        tag = "-dense" * args.dense + "-invariant" * args.batch_invariant
+        Path(args.out, f"serve-{args.mode}-{args.model}{tag}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
