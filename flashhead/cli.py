@@ -504,7 +504,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_queue=args.max_queue, timeout=args.timeout, index=args.index, probes=args.probes,
                          batch_invariant=args.batch_invariant)
     print(f"flashhead serve: {args.model} ({'llama.cpp dense head' if args.dense else 'FlashHead'}, {args.parallel} "
-          f"slots{', batch-invariant' if args.batch_invariant else ''}) on http://{args.host}:{args.port} (OpenAI /v1, Ollama /api, /health, /metrics)", file=sys.stderr)
+          f"slots{', batch-invariant' if args.batch_invariant else ''}) on http://{args.host}:{args.port} "
+          "(OpenAI /v1, Ollama /api, /health, /metrics)", file=sys.stderr)
     serve(config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             i = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
             if i is not None:
                 firsts.append(f"token {i} ({gap(e, ids + want[:i], got[i], want[i]):+.3f})")
-        print(f"2. {head}{', invariant' if invariant else ''}: {len(firsts)}/{len(prompts)} batched sequences differ from batch-1; first differences "
-              f"(gap, nats): {', '.join(firsts) or 'none'}")
+        print(f"2. {head}{', invariant' if invariant else ''}: {len(firsts)}/{len(prompts)} batched sequences "
+              f"differ from batch-1; first differences (gap, nats): {', '.join(firsts) or 'none'}")
     same = sum(a == b for a, b in zip(batched["flashhead"], batched["dense"]))
     print(f"3. same batch schedule: FlashHead's tokens equal llama.cpp's head's in {same}/{len(prompts)} sequences")
     e.close()

@@ -6,13 +6,14 @@
 
 `speed` starts every server on the same GGUF with the same threads, each on its own port, and sends
 `clients` concurrent streamed greedy requests of `--tokens` new tokens to one server after the other
-(`--rounds` rounds per level, default 5, each round visiting every server with the same prompts), and reports aggregate tokens/s, time to first token and inter-token latency. Servers: `flashhead serve`
+(`--rounds` rounds per level, default 5, each round visiting every server with the same prompts), and
+reports aggregate tokens/s, time to first token and inter-token latency. Servers: `flashhead serve`
 (FlashHead), `flashhead serve --dense` (llama.cpp's own head in the same server), `flashhead serve
 --batch-invariant` (each request in its own llama.cpp decode), llama-cpp-python's
 server (`pip install 'llama-cpp-python[server]==0.3.36'`: one request at a time), and, given a binary,
 llama.cpp's `llama-server --parallel N` (build it with labs/build_llama_server.sh).
-`load` runs the fault and load script of issue #24 against `flashhead serve` (or `--dense`) and prints what
-it saw.
+`load` runs the fault and load script of issue #24 against `flashhead serve` (or `--dense`, or
+`--batch-invariant`) and prints what it saw.
 Everything stays on 127.0.0.1 and is bounded in count and time.
 """
 
@@ -82,6 +83,12 @@ class Served:
         self.log.close()
 
 
+def flash_cmd(model: str, threads: int, parallel: int, port: int, *extra: str) -> list[str]:
+    """The command line of `flashhead serve` with these settings (``extra``: e.g. ``--dense``)."""
+    return [sys.executable, "-m", "flashhead.cli", "serve", model, "--threads", str(threads), "--parallel",
+            str(parallel), "--n-ctx", "1024", "--port", str(port), *extra]
+
+
 def servers(model: str, gguf: str, threads: int, parallel: int,
             llama_server: str | None) -> list[tuple[str, list[str], str, int]]:
     """(name, command, health route, port) of each server to compare, each on a free port of its own."""
@@ -89,8 +96,7 @@ def servers(model: str, gguf: str, threads: int, parallel: int,
     for kind, extra in (("flashhead serve", []), ("flashhead serve --dense", ["--dense"]),
                         ("flashhead serve --batch-invariant", ["--batch-invariant"])):
         port = free_port()
-        out.append((kind, [sys.executable, "-m", "flashhead.cli", "serve", model, "--threads", str(threads),
-                           "--parallel", str(parallel), "--n-ctx", "1024", "--port", str(port), *extra], "/health", port))
+        out.append((kind, flash_cmd(model, threads, parallel, port, *extra), "/health", port))
     port = free_port()
     out.append(("llama-cpp-python server", [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
                                             str(threads), "--n_ctx", "1024", "--interrupt_requests", "False",
@@ -165,9 +171,8 @@ def load(args) -> dict:
     compared with a sequential pass (llama.cpp is not batch-invariant: sharing steps, some differ; docs/design.md);
     RSS at the start, after 100 answers, half-way and at the end."""
     port = free_port()
-    cmd = [sys.executable, "-m", "flashhead.cli", "serve", args.model, "--threads", str(args.threads), "--parallel",
-           "8", "--n-ctx", "1024", "--port", str(port)] + (["--dense"] if args.dense else []) + \
-        (["--batch-invariant"] if args.batch_invariant else [])
+    cmd = flash_cmd(args.model, args.threads, 8, port, *["--dense"] * args.dense,
+                    *["--batch-invariant"] * args.batch_invariant)
     srv = Served("flashhead serve", cmd, port, "/health")
     seen = {"5xx": 0, "answered": 0, "well_formed": 0, "4xx_for_bad": 0, "bad": 0, "differ_from_sequential": 0}
     lock, differing = threading.Lock(), set()

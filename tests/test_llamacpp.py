@@ -269,7 +269,7 @@ def test_batched_greedy_equals_batch_1(engine, head, invariant, greedy_or_tie):
             b.step()
             most = max(most, b.running)
         assert most == 4 and b.queued == 0
-        if invariant:
+        if invariant:  # premise: a sequence decoded alone in an n_slots context has the shapes of a run alone
             assert [r.tokens for r in reqs] == ref
         for r, want in zip(reqs, ref):
             greedy_or_tie(engine, r.prompt, r.tokens, want)

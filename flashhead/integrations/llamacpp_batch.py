@@ -176,9 +176,8 @@ class Batcher:
         room, n, outputs = self.engine.n_batch, 0, []
         for seq in self._slots:  # decoding sequences first: one token each
             if seq is not None and seq.tokens:
-                self._put(n, seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq._slot, True)
                 outputs.append((n, seq))
-                n += 1
+                n = self._put_last(seq, n)
         for seq in self._slots:  # then prompt tokens, as many as fit
             if seq is None or seq.tokens or n == room:
                 continue
@@ -188,9 +187,9 @@ class Batcher:
         if n == 0:
             return []
         self._decode(n)
-        seqs = [s for _, s in outputs]
         if self.head == "dense":
             return [(s, self._dense_token(s, i)) for i, s in outputs]
+        seqs = [s for _, s in outputs]
         return list(zip(seqs, self._flash_tokens(seqs, self._states([i for i, _ in outputs]))))
 
     def _step_alone(self) -> list[tuple[Request, int]]:
@@ -200,15 +199,10 @@ class Batcher:
         for seq in self._slots:
             if seq is None:
                 continue
-            if seq.tokens:
-                self._put(0, seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq._slot, True)
-                n = 1
-            else:
-                n = self._put_prompt(seq, 0, self.engine.n_batch)
-                if seq._fed < len(seq.prompt):
-                    self._decode(n)
-                    continue
+            n = self._put_last(seq, 0) if seq.tokens else self._put_prompt(seq, 0, self.engine.n_batch)
             self._decode(n)
+            if seq._fed < len(seq.prompt):  # more of its prompt to come, in the next steps
+                continue
             seqs.append(seq)
             if self.head == "dense":
                 tokens.append(self._dense_token(seq, n - 1))
@@ -217,6 +211,11 @@ class Batcher:
         if self.head == "flashhead" and seqs:
             tokens = self._flash_tokens(seqs, torch.cat(states))
         return list(zip(seqs, tokens))
+
+    def _put_last(self, seq: Request, n: int) -> int:
+        """Put ``seq``'s last token at batch row ``n`` (its logits wanted); returns the next free row."""
+        self._put(n, seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq._slot, True)
+        return n + 1
 
     def _put_prompt(self, seq: Request, n: int, room: int) -> int:
         """Put up to ``room`` of ``seq``'s prompt tokens from batch row ``n``; returns the next free row."""
