@@ -11,7 +11,7 @@ case "${1:-}" in
   --demo) DEMO=1 ;;
   *) printf 'usage: scripts/setup.sh [--demo]\n' >&2; exit 2 ;;
 esac
-FULL_EXTRAS=".[test,peers,eval,serve]"
+FULL_EXTRAS=".[test,peers,eval,serve,triton]"
 EXTRAS=${DEMO:+.}
 EXTRAS=${EXTRAS:-$FULL_EXTRAS}
 
