@@ -11,6 +11,9 @@ runs ~8 ms per program, so the grids stay tiny: a few probes, batch 1 to 8.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +153,13 @@ def test_whole_step_through_the_ops(monkeypatch, stage1):
     monkeypatch.setenv(backend.ENV, "triton")
     assert torch.equal(kh.greedy(h), want)
     assert torch.equal(torch.compile(kh.greedy, fullgraph=True, backend="aot_eager")(h), want)
+
+
+def test_every_launch_compiles_for_the_h200():
+    """The interpreter never compiles: Triton's compiler builds each launch for sm_90 here (tests/triton_sm90_compile.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "compiled 13 kernel launches for sm_90" in run.stdout

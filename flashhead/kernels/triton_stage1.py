@@ -22,7 +22,7 @@ __all__ = ["stage1_scores"]
 
 _MODE = {"float": 0, "int8": 1, "int4": 2}
 _BLOCK_K = 32
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
 
 
 @triton.jit
