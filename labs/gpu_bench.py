@@ -76,7 +76,7 @@ def build_model(name: str, tiny: bool, device: torch.device) -> torch.nn.Module:
                                          intermediate_size=ffn, tie_word_embeddings=True, **extra)
     torch.manual_seed(0)
     with torch.device(device):
-        model = getattr(transformers, model_cls)._from_config(cfg, torch_dtype=torch.bfloat16,
+        model = getattr(transformers, model_cls)._from_config(cfg, dtype=torch.bfloat16,
                                                               attn_implementation="sdpa")
     return model.eval()
 
@@ -189,8 +189,9 @@ def _rewind(cache, position: int) -> None:
             layer.cumulative_length_int = position
 
 
-def bench_decode(model: torch.nn.Module, kh: KernelHead, B: int, context: int, device: torch.device) -> dict:
-    """Decode-step times of the body alone, body + dense head, body + FlashHead, with a static cache."""
+def decode_body(model: torch.nn.Module, B: int, context: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """One decode step of the body with a static cache: the final hidden states ``[B, d]`` of one token per sequence
+    at position ``context // 2``, the same slot at every call."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context)
@@ -203,6 +204,12 @@ def bench_decode(model: torch.nn.Module, kh: KernelHead, B: int, context: int, d
         _rewind(cache, context // 2)
         return model.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
 
+    return body
+
+
+def bench_decode(model: torch.nn.Module, kh: KernelHead, B: int, context: int, device: torch.device) -> dict:
+    """Decode-step times of the body alone, body + dense head, body + FlashHead."""
+    body = decode_body(model, B, context, device)
     row = {"batch": B}
     for part, step in (("body", body), ("dense", lambda: model.lm_head(body()).argmax(-1)),
                        ("flashhead", lambda: kh.greedy(body()))):
