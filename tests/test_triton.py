@@ -70,10 +70,11 @@ def test_stage1_scores(stage1, centroid_dtype, N):
 @pytest.mark.parametrize("rows_dtype", ROWS, ids=_name)
 @pytest.mark.parametrize("N", [1, 3, 8])
 def test_stage2_and_greedy_match_the_reference(rows_dtype, N):
-    """Empty slots and always-scored ids, some of them in a probed cluster; d = 288: a masked second block; h in fp32,
-    rounded to the rows' dtype by the kernels."""
-    _, kh = make_index(K=10, cap=4, d=288, rows_dtype=rows_dtype, n_empty=3, always=(0, 3, 7, 11, 20), device=DEVICE)
-    h = hidden(N, 288, device=DEVICE)
+    """Empty slots and always-scored ids, some of them in a probed cluster; h in fp32, rounded to the rows' dtype by
+    the kernels; d = 300 (float rows): a full and a masked block of 256, d = 288 (Q8_0): nine blocks of 32."""
+    d = 288 if rows_dtype == "q8" else 300
+    _, kh = make_index(K=10, cap=4, d=d, rows_dtype=rows_dtype, n_empty=3, always=(0, 3, 7, 11, 20), device=DEVICE)
+    h = hidden(N, d, device=DEVICE)
     clusters = _random_clusters(N, 10, 3, seed=N)
     args = _stage2_args(kh, h, clusters)
     ids, logits = t2.cluster_logits(*args)

@@ -3,7 +3,9 @@ implementation, so that ``torch.compile(fullgraph=True)`` traces around them and
 them (static shapes, no value read on the host).
 
 Each op checks only what shapes, dtypes and devices say (no host sync), then runs on the backend that
-:func:`~flashhead.kernels.backend.backend_for` picks for the device of ``h``.
+:func:`~flashhead.kernels.backend.backend_for` picks for the device of ``h``. Values are not checked, since that
+would read them on the host: cluster ids must lie in ``[0, K)`` and slots in ``[0, K * cap)``, as
+:func:`top_clusters` and ``FlashHead`` give them (``FlashHead.candidates`` checks a caller's ids).
 """
 
 from typing import Optional

@@ -18,11 +18,20 @@ import triton.language as tl
 
 from .centroids import Centroids
 
-__all__ = ["stage1_scores"]
+__all__ = ["block_width", "stage1_scores"]
 
 _MODE = {"float": 0, "int8": 1, "int4": 2}
 _BLOCK_K = 32
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
+
+
+def block_width(n: int) -> int:
+    """Columns a program reads per step of its loop over ``n``: up to 256, a power of two that divides ``n`` where one
+    of 32 or more does (no lanes masked off in the last step), else the power of two above ``n``, at most 256."""
+    width = min(256, triton.next_power_of_2(n))
+    while n % width and width > 32:
+        width //= 2
+    return width if n % width == 0 else min(256, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -88,7 +97,7 @@ def stage1_scores(h: torch.Tensor, c: Centroids) -> torch.Tensor:
     out = torch.empty(N, K, dtype=torch.float32, device=h.device)
     if N == 0:
         return out
-    block_d = min(256, triton.next_power_of_2(w_cols))
+    block_d = block_width(w_cols)
     group = 2 * w_cols // c.scale.shape[1] if c.mode == "int4" else 1
     dummy = c.weight  # an unused pointer argument must still be a tensor
     _scores_kernel[(triton.cdiv(K, _BLOCK_K), N)](

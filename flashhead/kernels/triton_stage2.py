@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .reference import mask_duplicates
+from .triton_stage1 import block_width
 
 __all__ = ["cluster_logits", "greedy"]
 
@@ -122,7 +123,7 @@ def _launch(kernel, h: torch.Tensor, rows: torch.Tensor, row_scales: torch.Tenso
     N, p = clusters.shape
     A = always_slot.numel()
     tile = triton.next_power_of_2(cap)
-    block_d = min(256, triton.next_power_of_2(d))
+    block_d = block_width(d)
     kernel[(p + triton.cdiv(A, tile), N)](
         h, rows, rows if row_scales is None else row_scales, slot_token, clusters, always_slot, *outputs, p, A,
         **extra, D=d, ITERS=triton.cdiv(d, block_d), BLOCK_D=block_d, CAP=cap, ROWS=tile,
