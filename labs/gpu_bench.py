@@ -1,7 +1,10 @@
 """FlashHead against the dense head on a GPU, in one run: head alone and whole-model decode (issue #25).
 
-    python labs/gpu_bench.py OUT_DIR                                  # on a CUDA machine, < 6 min on one H200
+    PYTHONPATH=. python3 labs/gpu_bench.py OUT_DIR                     # on a CUDA machine, nothing installed
     python labs/gpu_bench.py OUT_DIR --device cpu --tiny --batches 1,2  # the CI smoke run (tests/test_gpu_bench.py)
+
+It needs torch, transformers (5.17 or later) and, for the Triton backend, triton; on one H200 it is planned to
+take well under the 6 minutes it must fit in (not yet run on a GPU).
 
 For each model shape (Llama-3.2-1B, Qwen3-0.6B, Gemma-3-1B, Gemma-3-270M, built from their configs with random
 bf16 weights) and batch 1, 8 and 32 it measures:
