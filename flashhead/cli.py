@@ -127,7 +127,7 @@ def _build(model_ref: str, out: Path, args: argparse.Namespace, model=None, tok=
           f"calibration {' + '.join(calibration) if calibration else 'none (spherical)'}", flush=True)
     index = build_for_model(model, tok, cluster_size=args.cluster_size, calibration_texts=calibration,
                             calibration_positions=args.positions, seed=args.seed, iters=args.iters,
-                            model_name=model_ref)
+                            samples=args.samples, model_name=model_ref)
     index.config.build["seconds_total"] = round(time.perf_counter() - t0, 3)
     index.save(out)
     sizes = (index.slot_token >= 0).sum(1)
@@ -285,6 +285,16 @@ def _cmd_export_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -320,6 +330,7 @@ def _text_list(text: str) -> list[str]:
 
 def _add_build_args(s: argparse.ArgumentParser) -> None:
     from .data import DEFAULT_CALIBRATION_POSITIONS, DEFAULT_CALIBRATION_TEXTS
+    from .integrations.samples import DEFAULT_POSITIONS as DEFAULT_SAMPLE_POSITIONS
 
     s.add_argument("--cluster-size", type=int, help="tokens per cluster (default: 2 below 131,072 tokens, else 16)")
     s.add_argument("--seed", type=int, default=0, help="clustering seed; same seed, same bytes (default 0)")
@@ -334,6 +345,10 @@ def _add_build_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--positions", type=int, default=DEFAULT_CALIBRATION_POSITIONS,
                    help="calibration positions of the first text, half as many of each other one (default "
                         f"{DEFAULT_CALIBRATION_POSITIONS})")
+    s.add_argument("--samples", type=_non_negative, default=DEFAULT_SAMPLE_POSITIONS, metavar="N",
+                   help="positions of the model's own short samples, each seeded by a token of its vocabulary "
+                        "across every script it holds, added to the first text's states in the geometry (covers "
+                        f"languages no calibration text has; 0: none; default {DEFAULT_SAMPLE_POSITIONS})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,9 +44,10 @@ from .validate import read_assets
 #: code and prose (data.DEFAULT_CALIBRATION_TEXTS); 5: the first set is Python code, a novel and the ten
 #: multilingual calibration texts (man pages in six languages, a Chinese FAQ, C, JavaScript, Rust), 512
 #: positions each; 6: the rows cap holds where all calibration states together keep DEFAULT_ROWS_CAP_CONTAINMENT
-#: within it (a per-text quantile resting on 2 positions flipped Gemma's default between two CPUs). Cached
-#: indexes are kept per revision, so new defaults build anew.
-DEFAULTS_REVISION = 6
+#: within it (a per-text quantile resting on 2 positions flipped Gemma's default between two CPUs); 7: the model's
+#: own short samples, seeded across its vocabulary's scripts, join the first set in the geometry
+#: (integrations/samples.py). Cached indexes are kept per revision, so new defaults build anew.
+DEFAULTS_REVISION = 7
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -195,7 +196,7 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
                 n_probes: int | None = None, stage1: str | None = None, always_ids: list[int] | tuple = (),
                 frequent: int = DEFAULT_FREQUENT, iters: int = 10, seed: int = 0, model_name: str = "",
                 calibration: dict | None = None, shrinkage: float = 0.0, shrink_to: str = "identity",
-                progress: bool = True) -> FlashHeadIndex:
+                geometry_states: torch.Tensor | None = None, progress: bool = True) -> FlashHeadIndex:
     """Cluster the rows of a head ``weight`` [V, d] into K equal clusters of ``cluster_size`` tokens.
 
     ``num_tokens`` (default V) rows are clustered; rows past it (embedding padding beyond the
@@ -211,7 +212,9 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     ``validation_states`` (hidden states of other texts, [n_i, d]) are recorded. Without hidden states
     ``n_probes`` defaults to K/32. ``shrinkage`` (0..1) mixes S with a target of the same trace, for
     directions the calibration states barely visit: ``shrink_to`` "identity" (every direction alike) or
-    "rows" (``W^T W / V``: the directions in which the head's rows differ).
+    "rows" (``W^T W / V``: the directions in which the head's rows differ). ``geometry_states`` [m, d] (e.g.
+    the model's own samples) join ``hidden_states`` in S only: the always-scored tokens and the probe rule
+    stay on the texts' states.
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"head weight must be a 2-D float tensor [vocab, hidden], got {tuple(weight.shape)} {weight.dtype}")
@@ -237,6 +240,8 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
         raise ValueError(f"shrinkage must be a number from 0 (S as calibrated) to 1 (the target), got {shrinkage!r}")
     if shrink_to not in ("identity", "rows"):
         raise ValueError(f"shrink_to must be 'identity' or 'rows', got {shrink_to!r}")
+    if geometry_states is not None and hidden_states is None:
+        raise ValueError("geometry_states join the calibration hidden states in S: give hidden_states too")
     k = math.ceil(num_tokens / cluster_size)
     if n_probes is not None and (isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral)
                                  or not 1 <= n_probes <= k):
@@ -245,16 +250,20 @@ def build_index(weight: torch.Tensor, cluster_size: int | None = None, *, hidden
     w = weight.detach()[:num_tokens].float()
     if hidden_states is not None:
         h = hidden_states.detach().float()
+        g = h if geometry_states is None else torch.cat([h, geometry_states.detach().float()])
         checks = [("hidden_states", h)] + [(f"validation_states[{i}]", v) for i, v in enumerate(validation_states)]
+        checks += [] if geometry_states is None else [("geometry_states", geometry_states)]
         for what, x in checks:
             if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != hidden or not torch.isfinite(x).all():
                 raise ValueError(f"{what} must be finite [n, {hidden}] hidden states, got {tuple(x.shape)}")
-        s = h.T @ h / h.shape[0]
+        s = g.T @ g / g.shape[0]
+        del g
         if shrinkage:
             target = torch.eye(hidden) if shrink_to == "identity" else w.T @ w / num_tokens
             s = (1 - shrinkage) * s + shrinkage * (s.trace() / target.trace()) * target
         x = w @ _sqrt_psd(s)
         geometry = "S^(1/2) w, S = E[h h^T] over calibration hidden states" + (
+            " and the model's own samples" if geometry_states is not None else "") + (
             f", shrunk by {shrinkage:g} towards {'I' if shrink_to == 'identity' else 'W^T W / V'}, same trace"
             if shrinkage else "")
     else:

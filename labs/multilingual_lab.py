@@ -7,10 +7,10 @@
 A variant is ``CALIBRATION[:SHRINKAGE]``. CALIBRATION: ``default``, as defaults revision 4 did (Python code
 and Pride and Prejudice, then Sense and Sensibility); ``broad``, that plus 512 positions of each text of
 corpora.MULTILINGUAL_CALIBRATION in the first set (so they shape the geometry and the always-scored frequent
-tokens); ``samples``, that plus 4,096 positions of text the model samples itself from its start token (64 texts of 64
-tokens: many short texts cover more languages than few long ones);
-``broad+samples`` and ``mix+samples`` add them up; ``mix``, Python code, Pride and Prejudice and every multilingual calibration text as equal
-parts, 512 positions each (defaults revision 5). SHRINKAGE (e.g. ``0.2``, or ``0.2r``) mixes S with its scaled
+tokens); ``mix``, Python code, Pride and Prejudice and every multilingual calibration text as equal parts, 512
+positions each (defaults revisions 5 and 6); ``samples`` adds the model's own seeded samples to the geometry
+(flashhead.integrations.samples, its defaults: 768 texts of 8 tokens; ``samplesN-L-A``: N texts of L tokens, script
+weights ^A), so ``mix+samples`` is defaults revision 7. SHRINKAGE (e.g. ``0.2``, or ``0.2r``) mixes S with its scaled
 identity, or with the rows' W^T W / V (build_index's ``shrinkage`` and ``shrink_to``). Each index is applied to
 the model as a user applies it (int8/int4 stage 1, Q8_0 rows), at its default probes or at ``--probes`` (the
 fair comparison: same bytes per step), and measured on ``--positions`` teacher-forced positions of every
@@ -31,6 +31,7 @@ from flashhead._io import atomic_write_bytes, cache_dir
 from flashhead.corpora import MULTILINGUAL_CALIBRATION, MULTILINGUAL_HELD_OUT, describe
 from flashhead.data import load_text
 from flashhead.evaluate import _sampling_divergence
+from flashhead.integrations.samples import DEFAULT_ALPHA, DEFAULT_LENGTH, DEFAULT_POSITIONS, sample_states
 from flashhead.integrations.transformers import (apply, build_for_model, calibration_sets, calibration_states,
                                                  dense_logits, flashhead_of, remove, text_states)
 from flashhead.models import load_model
@@ -61,18 +62,6 @@ def held_out_states(model, tok, model_name: str, name: str, positions: int) -> d
     torch.save(out, tmp)
     tmp.replace(path)
     return out
-
-
-def own_samples(model, tok, n: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
-    """Hidden states of ``n`` texts the model writes itself from its start token (T = 1, no top-k/top-p)."""
-    torch.manual_seed(seed)
-    start = torch.tensor([tok("", add_special_tokens=True).input_ids or [tok.bos_token_id]] * n)
-    with torch.inference_mode():
-        out = model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=length, min_new_tokens=length,
-                             pad_token_id=model.generation_config.pad_token_id or 0)
-        h = model.base_model(input_ids=out).last_hidden_state[:, start.shape[1]:]
-    return h.float().flatten(0, 1)
 
 
 def measure(model, states: dict) -> dict:
@@ -128,8 +117,16 @@ def main() -> int:
         if any(v.startswith("mix") for v in a.variants):  # every text an equal part of the first set
             extra["mix"] = None
             mix_sets = calibration_sets(model, tok, MIX, positions=MIX_POSITIONS)
-        if any(v.startswith("samples") or "+samples" in v for v in a.variants):
-            extra["samples"] = own_samples(model, tok)
+        for v in a.variants:
+            for p in v.partition(":")[0].split("+"):
+                if p.startswith("samples"):  # samples[N-L-A]: N texts of L tokens, script weights ^A
+                    n, length, alpha = (p.removeprefix("samples").split("-") + ["", "", ""])[:3]
+                    length = int(length or DEFAULT_LENGTH)
+                    positions = int(n) * length if n else DEFAULT_POSITIONS
+                    extra[p], record = sample_states(model, tok, positions, length=length,
+                                                     alpha=float(alpha or DEFAULT_ALPHA), progress=False)
+                    print(f"{p}: {record['texts']} texts of {length} tokens, seeds per script "
+                          f"{record['seed_scripts']}", flush=True)
     report = {"model": a.model, "positions": a.positions, "texts": {n: describe(n) for n in a.texts}, "variants": {}}
     for variant in a.variants:
         calib, _, shrink = variant.partition(":")
@@ -138,14 +135,15 @@ def main() -> int:
         if any(p not in extra for p in parts):
             raise SystemExit(f"unknown variant {variant!r}: give default, broad, samples, mix or a sum such as mix+samples, "
                              "optionally with :SHRINKAGE")
-        added = [extra[p] for p in parts if extra[p] is not None]
+        added = [extra[p] for p in parts if extra[p] is not None and not p.startswith("samples")]
+        own = [extra[p] for p in parts if p.startswith("samples")]  # the geometry only, as the default build
         sets = [torch.cat([(mix_sets if "mix" in parts else default_sets)[0], *added]),
                 *(mix_sets if "mix" in parts else default_sets)[1:]]
         t1 = time.perf_counter()
         index = build_for_model(model, tok, calibration_texts=MIX if "mix" in parts else REVISION4,
                                 hidden_states=sets,
                                 shrinkage=float(shrink or 0), shrink_to="rows" if to_rows else "identity",
-                                progress=False)
+                                geometry_states=torch.cat(own) if own else None, progress=False)
         index.save(cache_dir() / "lab-index" / a.model / variant.replace(":", "-"))  # kept for analysis
         apply(model, index, n_probes=a.probes)
         head = flashhead_of(model)

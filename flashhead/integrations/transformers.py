@@ -30,6 +30,8 @@ from ..data import DEFAULT_CALIBRATION_POSITIONS, DEFAULT_CALIBRATION_TEXTS
 from ..head import FlashHead, q8_0_dequantize, q8_0_rows
 from ..index import DEFAULTS_REVISION, FORMAT_VERSION, FlashHeadIndex, build_index, check_save_target
 from ..models import head_weight
+from .samples import DEFAULT_POSITIONS as DEFAULT_SAMPLE_POSITIONS
+from .samples import sample_states
 
 ASSETS_SUBDIR = "flashhead"  # where save_pretrained puts the assets, next to the weights
 
@@ -146,28 +148,38 @@ def build_for_model(model, tokenizer, *, cluster_size: int | None = None,
                     calibration_texts: str | Sequence[str] | None = DEFAULT_CALIBRATION_TEXTS,
                     calibration_positions: int = DEFAULT_CALIBRATION_POSITIONS, seed: int = 0, iters: int = 10, n_probes: int | None = None,
                     model_name: str = "", progress: bool = True, shrinkage: float = 0.0, shrink_to: str = "identity",
-                    hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None) -> FlashHeadIndex:
+                    samples: int = DEFAULT_SAMPLE_POSITIONS,
+                    hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                    geometry_states: torch.Tensor | None = None) -> FlashHeadIndex:
     """Build a FlashHead index for a transformers causal LM.
 
     Calibration hidden states come from ``calibration_texts`` (built-in text names, see
     :func:`calibration_sets`; None for the spherical geometry without calibration): the first text's
     set the clustering geometry and the always-scored frequent tokens; the build records the probes
     each text's states need for the containment target. The built-in texts work offline for any model.
-    ``hidden_states``: those sets (or the first one), when already computed; ``shrinkage``, ``shrink_to``:
-    see :func:`flashhead.index.build_index`.
+    ``samples`` positions of the model's own samples, seeded across its vocabulary's scripts
+    (:mod:`flashhead.integrations.samples`; 0: none), join the first set in the geometry only.
+    ``hidden_states``, ``geometry_states``: those sets (or the first one) and the samples' states, when
+    already computed (then no samples are drawn); ``shrinkage``, ``shrink_to``: see :func:`flashhead.index.build_index`.
     """
     weight = head_weight(model)
-    sets, calibration = [], None
+    sets, calibration, own = [], None, None
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be a number of positions >= 0 (0: none), got {samples!r}")
     if calibration_texts is not None:
         names = _listed(calibration_texts, str)
         sets = (calibration_sets(model, tokenizer, names, calibration_positions) if hidden_states is None
                 else _listed(hidden_states, torch.Tensor))
         calibration = {"texts": names[: len(sets)], "positions": [int(x.shape[0]) for x in sets], "window": 256}
+        if geometry_states is not None:
+            own, calibration["samples"] = geometry_states, {"positions": int(geometry_states.shape[0])}
+        elif samples and hidden_states is None:
+            own, calibration["samples"] = sample_states(model, tokenizer, samples, seed=seed, progress=progress)
     return build_index(weight, cluster_size, hidden_states=sets[0] if sets else None, validation_states=sets[1:],
                        num_tokens=min(len(tokenizer), weight.shape[0]),
                        n_probes=n_probes, always_ids=eos_ids(model, tokenizer), iters=iters, seed=seed,
                        model_name=model_name, calibration=calibration, shrinkage=shrinkage,
-                       shrink_to=shrink_to, progress=progress)
+                       shrink_to=shrink_to, geometry_states=own, progress=progress)
 
 
 def _tied(model) -> bool:
