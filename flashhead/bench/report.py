@@ -116,7 +116,7 @@ def format_report(rep: dict) -> str:
         L.append("")
         L.append("Targets:")
         for t in rep["targets"]:
-            L.append(f"  {'MET ' if t['met'] else 'MISS'} {t['description']}: {t['measured']:.2f} "
+            L.append(f"  {'MET ' if t['met'] else 'MISS'} {t['description']}: {t['measured']:.4g} "
                      f"(target >= {t['threshold']})")
     return "\n".join(L)
 

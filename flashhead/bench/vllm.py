@@ -276,7 +276,7 @@ def format_table(report: dict) -> str:
                      f"{r['head_ms_per_step']:>8.2f} {r['vllm_overhead_ms_per_step']:>8.1f} {r['amdahl_bound']:>7.2f} "
                      f"{100 * r['fraction_of_amdahl']:>7.0f}% {100 * r['identical_token_fraction']:>6.1f}%")
         for t in res["targets"]:
-            L.append(f"  {'MET ' if t['met'] else 'MISS'} {t['description']}: {t['measured']:.2f} (target >= "
+            L.append(f"  {'MET ' if t['met'] else 'MISS'} {t['description']}: {t['measured']:.4g} (target >= "
                      f"{t['threshold']})")
         L.append(f"  load average at end {res['loadavg_end']}")
     L.append("  step = start of one compute_logits call to the next; vLLM ms = step - forward - head (scheduler, "
